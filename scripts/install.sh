@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs everything snapimg needs on a Debian 12 machine, idempotently (run as root).
+# Debian packages first (QEMU, libnbd, guest image tools, libvirt), then a virtualenv in
+# .venv made from Debian's python3 with --system-site-packages, so that Debian's
+# python3-libnbd imports in it, holding snapimg (editable) and its Python dependencies.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+APT_PACKAGES=(
+  # QEMU 7.2 and its NBD/storage tools
+  qemu-system-x86 qemu-utils qemu-block-extra
+  # independent NBD clients and servers
+  libnbd-bin python3-libnbd nbdkit fio
+  # guest images: assembler, FAT tools, partitioning, filesystems
+  nasm mtools dosfstools fdisk e2fsprogs ntfs-3g cpio
+  # Python venv and building libvirt-python from source
+  python3-venv python3-dev gcc pkg-config libvirt-dev
+  # libvirt daemon for the VM rig (no libvirt-daemon-system: see docs/vmtests.md)
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "install: apt-get install ${missing[*]}"
+  log=$(mktemp)
+  if ! { apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -q --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "install: apt-get failed (log above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
+fi
+
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "install: creating $venv"
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+stamp="$venv/.snapimg-installed"
+want=$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "install: pip install -e .[dev] into $venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[dev]"
+  echo "$want" >"$stamp"
+fi

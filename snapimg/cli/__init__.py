@@ -1,0 +1,1 @@
+"""The ``snapimg`` command line: one module per command group."""

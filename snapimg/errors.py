@@ -1,0 +1,96 @@
+"""The one exception tree of snapimg.
+
+Every error snapimg raises on purpose derives from :class:`SnapimgError`.  The CLI
+prints ``str(err)`` as one line and exits non-zero; anything else is a bug and keeps
+its traceback.
+
+Errors that a block device returns to an I/O client carry an ``errno`` so that the
+NBD server can map them onto the NBD error codes without knowing the engine::
+
+    SnapimgError
+     +-- UsageError                bad user input (sizes, names, arguments)
+     +-- DeviceError  (errno)      an I/O request a device refuses or cannot serve
+     |    +-- OutOfRangeError      EINVAL: beyond the device end, bad length
+     |    +-- ReadOnlyError        EPERM:  write to a read-only snapshot
+     |    +-- SnapshotInvalidError EIO:    the snapshot was invalidated (store full, crash)
+     |    +-- ReleasedRangeError   EIO:    a range the backup reader already released
+     |    +-- NoSpaceError         ENOSPC: store full under policy block-writes
+     +-- StoreError                the preservation store cannot be opened or written
+     |    +-- StoreFormatError     truncated, corrupted or unknown-version store
+     |    +-- StoreMismatchError   the store belongs to another origin
+     +-- SnapshotError             snapshot lifecycle (unknown, duplicate name, ...)
+     +-- ProtocolError             NBD wire protocol violations
+     +-- ControlError              control socket: server not running, bad request
+     +-- QemuError                 QEMU / QMP failures (class, description, command)
+     +-- VmError                   the VM test rig (boot timeout, guest failure)
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class SnapimgError(Exception):
+    """Base of every error snapimg raises on purpose."""
+
+
+class UsageError(SnapimgError):
+    """The user asked for something malformed (a bad size, an unknown name, ...)."""
+
+
+class DeviceError(SnapimgError):
+    """An I/O request that a block device refuses; ``errno`` says how to report it."""
+
+    errno: int = _errno.EIO
+
+
+class OutOfRangeError(DeviceError):
+    errno = _errno.EINVAL
+
+
+class ReadOnlyError(DeviceError):
+    errno = _errno.EPERM
+
+
+class SnapshotInvalidError(DeviceError):
+    errno = _errno.EIO
+
+
+class ReleasedRangeError(DeviceError):
+    errno = _errno.EIO
+
+
+class NoSpaceError(DeviceError):
+    errno = _errno.ENOSPC
+
+
+class StoreError(SnapimgError):
+    """The preservation store cannot be opened, read or written."""
+
+
+class StoreFormatError(StoreError):
+    """The store is truncated, corrupted or of an unknown version."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was made for another origin (size or fingerprint differ)."""
+
+
+class SnapshotError(SnapimgError):
+    """Snapshot lifecycle errors: unknown snapshot, duplicate name, ..."""
+
+
+class ProtocolError(SnapimgError):
+    """A peer broke the NBD protocol."""
+
+
+class ControlError(SnapimgError):
+    """The control socket: server not running, malformed or failed request."""
+
+
+class QemuError(SnapimgError):
+    """QEMU refused a QMP command or a QEMU process failed."""
+
+
+class VmError(SnapimgError):
+    """The VM test rig: a guest did not boot, timed out or reported failure."""
