@@ -75,4 +75,9 @@ class Backend(Protocol):
         """Free store space of a range the backup reader has copied; it then reads as EIO."""
         ...
 
+    async def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:
+        """(offset, length) ranges, block-aligned, written on the origin since ``snap`` was
+        created (a superset is allowed, never a subset): what an incremental backup copies."""
+        ...
+
     async def close(self) -> None: ...
