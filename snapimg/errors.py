@@ -21,6 +21,7 @@ NBD server can map them onto the NBD error codes without knowing the engine::
      +-- SnapshotError             snapshot lifecycle (unknown, duplicate name, ...)
      +-- ProtocolError             NBD wire protocol violations
      +-- ControlError              control socket: server not running, bad request
+     +-- BackupError               backup directory: bad manifest, broken chain, failed verify
      +-- QemuError                 QEMU / QMP failures (class, description, command)
      +-- VmError                   the VM test rig (boot timeout, guest failure)
 """
@@ -86,6 +87,10 @@ class ProtocolError(SnapimgError):
 
 class ControlError(SnapimgError):
     """The control socket: server not running, malformed or failed request."""
+
+
+class BackupError(SnapimgError):
+    """A backup directory is unusable: bad manifest, broken chain, verification failed."""
 
 
 class QemuError(SnapimgError):
