@@ -1,0 +1,139 @@
+"""The asyncio NBD server: listeners, connections, shutdown.
+
+One :class:`NbdServer` serves an :class:`~snapimg.nbd.exports.ExportTable` on any
+number of unix sockets (created mode 0600) and TCP addresses.  Each connection runs
+the fixed newstyle handshake (:mod:`snapimg.nbd.handshake`) and then the transmission
+phase (:mod:`snapimg.nbd.transmission`).  Device calls run in a thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from snapimg.errors import UsageError
+from snapimg.nbd.exports import ExportTable
+from snapimg.nbd.handshake import Session, negotiate
+from snapimg.nbd.transmission import Transmission
+
+log = logging.getLogger(__name__)
+
+_STREAM_LIMIT = 4 << 20  # StreamReader buffer high-water mark: whole 1 MiB writes at once
+
+
+class NbdServer:
+    def __init__(
+        self,
+        exports: ExportTable,
+        *,
+        tls: ssl.SSLContext | None = None,
+        workers: int = 16,
+        max_in_flight: int = 64,
+    ) -> None:
+        self.exports = exports
+        self.tls = tls
+        self.max_in_flight = max_in_flight
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
+        self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[Path] = []
+        self._conns: dict[asyncio.Task[None], Session] = {}
+        exports.on_removal(self.disconnect_export)
+
+    async def listen_unix(self, path: Path) -> None:
+        prepare_unix_socket_path(path)
+        old = os.umask(0o177)  # the socket is born mode 0600
+        try:
+            server = await asyncio.start_unix_server(
+                self._accept, path=str(path), limit=_STREAM_LIMIT
+            )
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+
+    async def listen_tcp(self, host: str, port: int) -> None:
+        try:
+            server = await asyncio.start_server(
+                self._accept, host=host, port=port, limit=_STREAM_LIMIT, reuse_address=True
+            )
+        except OSError as err:
+            raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+        for sock in server.sockets:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._servers.append(server)
+
+    def tcp_ports(self) -> list[int]:
+        ports = []
+        for server in self._servers:
+            for sock in server.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    ports.append(int(sock.getsockname()[1]))
+        return ports
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        session = Session(reader, writer)
+        self._conns[task] = session
+        try:
+            if await negotiate(session, self.exports, self.tls) is None:
+                return
+            await Transmission(session, self.executor, self.max_in_flight).run()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as err:
+            log.debug("connection ended: %s", err)
+        except Exception:
+            log.exception("NBD connection failed")
+        finally:
+            self._conns.pop(task, None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def disconnect_export(self, name: str) -> None:
+        """Cut every connection using export ``name`` (it was removed)."""
+        for session in list(self._conns.values()):
+            if session.export is not None and session.export.name == name:
+                session.writer.transport.abort()
+
+    async def close(self) -> None:
+        """Stop listening, end every connection once its requests in flight are done."""
+        for server in self._servers:
+            server.close()
+        for session in list(self._conns.values()):
+            # Closing the transport ends the reading loop; requests already read
+            # still complete on the device before the connection task returns.
+            session.writer.transport.close()
+        if self._conns:
+            await asyncio.wait(list(self._conns), timeout=30)
+        for server in self._servers:
+            await server.wait_closed()
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self.executor.shutdown(wait=True)
+
+
+def prepare_unix_socket_path(path: Path) -> None:
+    """Refuse a socket path another process listens on; remove a stale one."""
+    if not path.exists() and not path.is_symlink():
+        if not path.parent.is_dir():
+            raise UsageError(f"cannot create socket {path}: no such directory {path.parent}")
+        return
+    if not path.is_socket():
+        raise UsageError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: a leftover of a killed server
+    else:
+        raise UsageError(f"socket {path} is in use by another server")
+    finally:
+        probe.close()

@@ -1,0 +1,54 @@
+"""Runs an NbdServer on its own event loop thread for tests (unix socket in a tmp dir)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from snapimg.blockdev import BlockDevice
+from snapimg.nbd.exports import ExportTable
+from snapimg.nbd.server import NbdServer
+
+
+class ServerThread:
+    def __init__(self, exports: ExportTable, sock: Path) -> None:
+        self.exports = exports
+        self.sock = sock
+        self.loop = asyncio.new_event_loop()
+        self.server = NbdServer(exports)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.call(self.server.listen_unix(self.sock))
+
+    def call(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)  # type: ignore[arg-type]
+
+    def run(self, fn: object, *args: object) -> None:
+        async def wrapper() -> None:
+            fn(*args)  # type: ignore[operator]
+
+        self.call(wrapper())
+
+    def stop(self) -> None:
+        self.call(self.server.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@contextmanager
+def serving(devices: dict[str, BlockDevice], sock: Path) -> Iterator[ServerThread]:
+    exports = ExportTable()
+    for name, dev in devices.items():
+        exports.add(name, dev, f"test export {name}")
+    st = ServerThread(exports, sock)
+    st.start()
+    try:
+        yield st
+    finally:
+        st.stop()
