@@ -22,6 +22,7 @@ NBD server can map them onto the NBD error codes without knowing the engine::
      +-- ProtocolError             NBD wire protocol violations
      +-- ControlError              control socket: server not running, bad request
      +-- BackupError               backup directory: bad manifest, broken chain, failed verify
+     +-- FilesystemError           a filesystem inside an image: missing, damaged, no such file
      +-- QemuError                 QEMU / QMP failures (class, description, command)
      +-- VmError                   the VM test rig (boot timeout, guest failure)
 """
@@ -91,6 +92,10 @@ class ControlError(SnapimgError):
 
 class BackupError(SnapimgError):
     """A backup directory is unusable: bad manifest, broken chain, verification failed."""
+
+
+class FilesystemError(SnapimgError):
+    """A filesystem inside an image (ls, cat): none there, damaged, or no such path."""
 
 
 class QemuError(SnapimgError):
