@@ -89,7 +89,7 @@ def kernel_package() -> str:
     found = re.findall(r"Depends: (linux-image-\d[\w.+-]*-amd64)\b", out)
     if not found:
         raise BuildError(f"apt-cache depends {KERNEL_META} names no kernel (run apt-get update)")
-    return found[0]
+    return str(found[0])
 
 
 def resolve_debs(packages: list[str]) -> list[tuple[str, str, str]]:
