@@ -20,6 +20,9 @@ from snapimg.errors import SnapimgError
 # Command-group modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
     "snapimg.cli.demo",
+    "snapimg.cli.serve",
+    "snapimg.cli.snapshot",
+    "snapimg.cli.inspect",
 )
 
 

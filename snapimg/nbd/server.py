@@ -1,15 +1,18 @@
 """The asyncio NBD server: listeners, connections, shutdown.
 
 One :class:`NbdServer` serves an :class:`~snapimg.nbd.exports.ExportTable` on any
-number of unix sockets (created mode 0600) and TCP addresses.  Each connection runs
-the fixed newstyle handshake (:mod:`snapimg.nbd.handshake`) and then the transmission
-phase (:mod:`snapimg.nbd.transmission`).  Device calls run in a thread pool.
+number of unix sockets (created mode 0600) and TCP addresses.  With a TLS context,
+TCP connections must upgrade with NBD_OPT_STARTTLS before anything else (FORCEDTLS);
+unix socket connections, already limited to the owner by the socket's mode, need not.
+Each connection runs the fixed newstyle handshake (:mod:`snapimg.nbd.handshake`) and
+then the transmission phase (:mod:`snapimg.nbd.transmission`).  Device calls run in a thread pool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -50,7 +53,7 @@ class NbdServer:
         old = os.umask(0o177)  # the socket is born mode 0600
         try:
             server = await asyncio.start_unix_server(
-                self._accept, path=str(path), limit=_STREAM_LIMIT
+                functools.partial(self._accept, tls=None), path=str(path), limit=_STREAM_LIMIT
             )
         finally:
             os.umask(old)
@@ -61,7 +64,11 @@ class NbdServer:
     async def listen_tcp(self, host: str, port: int) -> None:
         try:
             server = await asyncio.start_server(
-                self._accept, host=host, port=port, limit=_STREAM_LIMIT, reuse_address=True
+                functools.partial(self._accept, tls=self.tls),
+                host=host,
+                port=port,
+                limit=_STREAM_LIMIT,
+                reuse_address=True,
             )
         except OSError as err:
             raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}") from None
@@ -77,13 +84,18 @@ class NbdServer:
                     ports.append(int(sock.getsockname()[1]))
         return ports
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tls: ssl.SSLContext | None,
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         session = Session(reader, writer)
         self._conns[task] = session
         try:
-            if await negotiate(session, self.exports, self.tls) is None:
+            if await negotiate(session, self.exports, tls) is None:
                 return
             await Transmission(session, self.executor, self.max_in_flight).run()
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as err:

@@ -1,0 +1,103 @@
+"""Blocking client of the control socket (used by the CLI; fine for scripts too)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from snapimg import errors
+from snapimg.backends.base import SnapshotInfo
+from snapimg.errors import ControlError, SnapimgError
+
+
+class ControlClient:
+    def __init__(self, path: Path, timeout: float = 300.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._next_id = 0
+
+    def call(self, method: str, **params: Any) -> Any:
+        """Send one request and wait for its response; server-side refusals come back
+        as the same SnapimgError subclass the server raised."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            try:
+                sock.connect(str(self.path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise ControlError(f"no snapimg server is running at {self.path}") from None
+            except OSError as err:
+                raise ControlError(f"cannot connect to {self.path}: {err.strerror}") from None
+            self._next_id += 1
+            request = {"id": self._next_id, "method": method, "params": params}
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            line = sock.makefile("rb").readline()
+        except TimeoutError:
+            raise ControlError(f"no answer from {self.path} within {self.timeout:.0f} s") from None
+        except OSError as err:
+            raise ControlError(f"control socket {self.path}: {err}") from None
+        finally:
+            sock.close()
+        if not line:
+            raise ControlError(f"the server at {self.path} closed the connection")
+        response = json.loads(line)
+        if "error" in response:
+            raise _error(response["error"])
+        return response.get("result")
+
+    def create_snapshot(
+        self, origin: str, snap: str, *, max_size: int | None, writable: bool, on_full: str
+    ) -> tuple[SnapshotInfo, str | None]:
+        result = self.call(
+            "create_snapshot",
+            origin=origin,
+            snap=snap,
+            max_size=max_size,
+            writable=writable,
+            on_full=on_full,
+        )
+        return snapshot_info_from_json(result["snapshot"]), result["uri"]
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        return [snapshot_info_from_json(obj) for obj in self.call("list_snapshots")]
+
+    def drop_snapshot(self, origin: str, snap: str) -> None:
+        self.call("drop_snapshot", origin=origin, snap=snap)
+
+    def release(self, origin: str, snap: str, offset: int, length: int) -> None:
+        self.call("release", origin=origin, snap=snap, offset=offset, length=length)
+
+    def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:
+        return [(o, n) for o, n in self.call("changed_ranges", origin=origin, snap=snap)]
+
+    def exports(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self.call("exports")
+        return result
+
+
+def _error(obj: dict[str, Any]) -> SnapimgError:
+    cls = getattr(errors, str(obj.get("type")), None)
+    message = str(obj.get("message", "request failed"))
+    if isinstance(cls, type) and issubclass(cls, SnapimgError):
+        return cls(message)
+    return ControlError(message)
+
+
+def snapshot_info_from_json(obj: dict[str, Any]) -> SnapshotInfo:
+    """Inverse of :meth:`SnapshotInfo.to_json`."""
+    return SnapshotInfo(
+        origin=obj["origin"],
+        snap=obj["snapshot"],
+        created=datetime.fromisoformat(obj["created"]),
+        valid=obj["state"] == "valid",
+        reason=obj["reason"],
+        preserved_blocks=obj["preserved_blocks"],
+        preserved_bytes=obj["preserved_bytes"],
+        max_size=obj["max_size"],
+        block_size=obj["block_size"],
+        writable=obj["writable"],
+        on_full=obj["on_full"],
+    )
