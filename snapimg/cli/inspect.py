@@ -1,0 +1,179 @@
+"""``snapimg inspect``, ``ls``, ``cat``, ``diff`` and ``checksum``: looking inside images.
+
+TARGET is a raw image path (other formats through qemu-storage-daemon), a snapimg store
+directory (``inspect`` only), or an NBD URI such as a live snapshot export.  JSON output
+follows docs/inspect-json.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from snapimg.errors import SnapimgError
+from snapimg.units import parse_size
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "inspect", help="show size, format, partitions, filesystems and allocation of a target"
+    )
+    p.add_argument("target", metavar="TARGET", help="image path, store directory or nbd:// URI")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("ls", help="list a directory inside a FAT or ext filesystem")
+    p.add_argument("target", metavar="TARGET[:PART]", help="image or nbd:// URI, optional :PART")
+    p.add_argument("path", metavar="PATH", nargs="?", default="/", help="directory (default /)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_ls)
+
+    p = sub.add_parser("cat", help="write a file inside a FAT or ext filesystem to stdout")
+    p.add_argument("target", metavar="TARGET[:PART]", help="image or nbd:// URI, optional :PART")
+    p.add_argument("path", metavar="PATH", help="file to print")
+    p.set_defaults(func=_cat)
+
+    p = sub.add_parser(
+        "diff", help="changed block ranges between two images or snapshots (exit 0 same, 1 differ)"
+    )
+    p.add_argument("a", metavar="A", help="image path or nbd:// URI")
+    p.add_argument("b", metavar="B", help="image path or nbd:// URI")
+    p.add_argument("--block-size", default="64K", help="granularity of ranges (default 64K)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_diff)
+
+    p = sub.add_parser("checksum", help="digest of all bytes of a target, skipping holes")
+    p.add_argument("target", metavar="TARGET", help="image path or nbd:// URI")
+    p.add_argument("--algo", default="sha256", help="hashlib algorithm (default sha256)")
+    p.set_defaults(func=_checksum)
+
+
+def _dump(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from snapimg.inspect.image import inspect_source
+    from snapimg.inspect.report import render_inspect
+    from snapimg.inspect.target import open_target
+
+    if Path(args.target).is_dir():
+        from snapimg.inspect.store import inspect_store, render_store
+
+        rep = inspect_store(Path(args.target))
+        if args.json:
+            _dump(rep)
+        else:
+            print(render_store(rep))
+        return 0
+    with open_target(args.target) as src:
+        rep = inspect_source(src)
+    if args.json:
+        _dump(rep)
+    else:
+        print(render_inspect(rep))
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from snapimg.inspect.files import open_tree
+    from snapimg.inspect.report import format_table
+    from snapimg.inspect.target import open_target, split_part
+
+    target, part = split_part(args.target)
+    with open_target(target) as src:
+        tree = open_tree(src, part)
+        top = tree.stat(args.path)
+        entries = tree.listdir(args.path) if top.kind == "dir" else [top]
+    entries.sort(key=lambda e: e.name)
+    if args.json:
+        _dump({"schema": 1, "path": args.path, "entries": [e.to_json() for e in entries]})
+        return 0
+    rows = [
+        [
+            e.kind,
+            str(e.size),
+            e.mtime.strftime("%Y-%m-%d %H:%M:%S") if e.mtime else "-",
+            e.name + ("/" if e.kind == "dir" else "") + (f" -> {e.target}" if e.target else ""),
+        ]
+        for e in entries
+    ]
+    print(format_table(["TYPE", "SIZE", "MODIFIED", "NAME"], rows, right=(1,)))
+    return 0
+
+
+def _cat(args: argparse.Namespace) -> int:
+    from snapimg.inspect.files import open_tree
+    from snapimg.inspect.target import open_target, split_part
+
+    target, part = split_part(args.target)
+    with open_target(target) as src:
+        tree = open_tree(src, part)
+        stream = tree.open(args.path)
+        out = sys.stdout.buffer
+        while chunk := stream.read(1 << 20):
+            out.write(chunk)
+        out.flush()
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    """Exit 0 identical, 1 different, 2 trouble (as cmp)."""
+    try:
+        return _run_diff(args)
+    except SnapimgError as err:
+        print(f"snapimg diff: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_diff(args: argparse.Namespace) -> int:
+    from snapimg.inspect.diff import diff_sources
+    from snapimg.inspect.progress import Progress
+    from snapimg.inspect.report import format_table, size_cell
+    from snapimg.inspect.target import open_target
+    from snapimg.units import check_block_size, format_size
+
+    bs = parse_size(args.block_size, "block size")
+    check_block_size(bs)
+    with open_target(args.a) as a, open_target(args.b) as b:
+        progress = Progress(min(a.size, b.size), sys.stderr, "diff")
+        try:
+            result = diff_sources(a, b, bs, progress)
+        finally:
+            progress.finish()
+    if args.json:
+        _dump({"schema": 1, "a": args.a, "b": args.b, **result.to_json()})
+    else:
+        if result.ranges:
+            rows = [[str(o), str(n), size_cell(n)] for o, n in result.ranges]
+            print(format_table(["OFFSET", "LENGTH", "SIZE"], rows, right=(0, 1, 2)))
+        sizes = "" if result.size_a == result.size_b else (
+            f"; sizes differ: {result.size_a} and {result.size_b} bytes"
+        )
+        print(
+            f"{result.changed_blocks} changed blocks of {format_size(bs)} in "
+            f"{len(result.ranges)} ranges, {result.changed_bytes} bytes{sizes}"
+        )
+    return 0 if result.identical else 1
+
+
+def _checksum(args: argparse.Namespace) -> int:
+    from snapimg.inspect.checksum import check_algo, checksum
+    from snapimg.inspect.progress import Progress
+    from snapimg.inspect.target import open_target
+
+    check_algo(args.algo)
+    with open_target(args.target) as src:
+        progress = Progress(src.size, sys.stderr, "checksum")
+        try:
+            digest = checksum(src, args.algo, progress)
+        finally:
+            progress.finish()
+    print(f"{digest}  {args.target}")
+    return 0
+
