@@ -1,0 +1,319 @@
+"""The qsd backend: snapimg's exports and snapshots carried by qemu-storage-daemon.
+
+Implements :class:`snapimg.backends.base.Backend` on the graph of
+:mod:`snapimg.backends.qsd.graph`.  Policy mapping (docs/qemu-backend.md):
+
+- ``on_full=block-writes``: the qcow2 target sits in a raw window of fixed size and the
+  filter fails the writer's request when a copy does not fit (ENOSPC,
+  ``break-guest-write``); the snapshot stays exact.
+- ``on_full=invalidate``: the target is not capped in QEMU (a capped copy that fails
+  would leave the qcow2 export serving new origin data under ``break-snapshot``);
+  snapimg invalidates the snapshot as soon as its preserved bytes pass max_size (checked
+  every 0.2 s and on every list): its export, job and nodes are removed, so reads fail
+  and never return wrong data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from snapimg.backends.base import ExportInfo, OnFull, SnapshotInfo
+from snapimg.backends.qsd import graph, records
+from snapimg.backends.qsd.allocation import copied_ranges
+from snapimg.backends.qsd.daemon import Daemon
+from snapimg.backends.qsd.graph import COPY_GRANULARITY, OriginNodes, SnapshotNodes
+from snapimg.errors import QemuError, SnapshotError, UsageError
+
+SNAP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+WATCH_INTERVAL = 0.2
+LOST_REASON = "qemu-storage-daemon stopped: qsd snapshots do not survive a restart"
+
+
+@dataclass
+class _Snapshot:
+    info: SnapshotInfo
+    nodes: SnapshotNodes | None          # None once invalid (everything in QEMU removed)
+
+
+class QsdBackend:
+    def __init__(self, daemon: Daemon, socket: Path, store_dir: Path, block_size: int) -> None:
+        self.daemon = daemon
+        self.qmp = daemon.qmp
+        self.socket = socket
+        self.store_dir = store_dir
+        self.cluster_size = max(block_size, COPY_GRANULARITY)
+        self.origins: dict[str, OriginNodes] = {}
+        self._snaps: dict[tuple[str, str], _Snapshot] = {}
+        self._lock = asyncio.Lock()
+        self._next_key = 0
+        self._closed = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---- helpers -------------------------------------------------------------------
+    def uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.socket}"
+
+    def _key(self, prefix: str) -> str:
+        self._next_key += 1
+        return f"{prefix}{self._next_key}"
+
+    def _origin(self, name: str) -> OriginNodes:
+        try:
+            return self.origins[name]
+        except KeyError:
+            raise SnapshotError(f"unknown export {name!r}") from None
+
+    def _snap(self, origin: str, snap: str) -> _Snapshot:
+        try:
+            return self._snaps[(origin, snap)]
+        except KeyError:
+            raise SnapshotError(f"unknown snapshot {origin}@{snap}") from None
+
+    def _save(self) -> None:
+        targets = {s.info.name: s.nodes.target_path.name for s in self._snaps.values() if s.nodes}
+        records.save(self.store_dir, [s.info for s in self._snaps.values()], targets)
+
+    def _check_alive(self) -> None:
+        if self.daemon.dead:
+            raise QemuError(f"qemu-storage-daemon (pid {self.daemon.pid}) is not running")
+
+    def node_names_of(self, origin: str, snap: str) -> set[str]:
+        """The QEMU block nodes a live snapshot holds (empty once invalid)."""
+        nodes = self._snap(origin, snap).nodes
+        return set(nodes.node_names()) if nodes else set()
+
+    async def died(self) -> str:
+        """Completes with a one-line reason if qemu-storage-daemon dies unexpectedly."""
+        return await self.daemon.died()
+
+    # ---- setup ---------------------------------------------------------------------
+    async def _setup(self, origins: dict[str, Path]) -> None:
+        for name, path in origins.items():
+            node = OriginNodes(self._key("o"), name, path)
+            await graph.add_origin(self.qmp, node)
+            self.origins[name] = node
+        # Snapshots of an earlier daemon are gone: say so, and remove their targets.
+        for info, target in records.load(self.store_dir):
+            if target is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.store_dir / target).unlink()
+            if info.valid:
+                info = replace(info, valid=False, reason=LOST_REASON)
+            self._snaps[(info.origin, info.snap)] = _Snapshot(info, None)
+        self._save()
+        self._watcher = asyncio.create_task(self._watch())
+
+    # ---- Backend protocol ----------------------------------------------------------
+    async def exports(self) -> list[ExportInfo]:
+        self._check_alive()
+        sizes = {
+            n["node-name"]: int(n["image"]["virtual-size"])
+            for n in await self.qmp.execute("query-named-block-nodes", {"flat": True})
+        }
+        out = [
+            ExportInfo(o.name, sizes[o.top], False, self.uri(o.name))
+            for o in self.origins.values()
+        ]
+        for s in self._snaps.values():
+            if s.nodes is not None:
+                name = s.info.name
+                out.append(ExportInfo(name, sizes[s.nodes.target], True, self.uri(name)))
+        return out
+
+    async def create_snapshot(
+        self, origin: str, snap: str, *, max_size: int | None, writable: bool, on_full: OnFull
+    ) -> SnapshotInfo:
+        onode = self._origin(origin)
+        if not SNAP_NAME.match(snap):
+            raise UsageError(f"bad snapshot name {snap!r}: use letters, digits, '.', '_', '+', '-'")
+        if writable:
+            raise UsageError("writable snapshots are not supported by the qsd backend")
+        if max_size is not None and max_size < self.cluster_size:
+            raise UsageError(f"max size {max_size} is below one block ({self.cluster_size} bytes)")
+        async with self._lock:
+            self._check_alive()
+            if (origin, snap) in self._snaps:
+                raise SnapshotError(f"snapshot {origin}@{snap} already exists")
+            size = int((await self._node(onode.fmt))["image"]["virtual-size"])
+            target = self.store_dir / f"{origin}@{snap}.qsd.qcow2"
+            await graph.create_qcow2(target, size, self.cluster_size)
+            limit = None
+            if max_size is not None and on_full == "block-writes":
+                limit = _qcow2_limit(os.stat(target).st_size, size, max_size, self.cluster_size)
+                os.truncate(target, limit)
+            nodes = SnapshotNodes(self._key("s"), f"{origin}@{snap}", target, limit)
+            try:
+                await graph.add_snapshot(self.qmp, onode.fmt, nodes)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
+                raise
+            info = SnapshotInfo(
+                origin=origin, snap=snap, created=datetime.now(UTC), valid=True, reason=None,
+                preserved_blocks=0, preserved_bytes=0, max_size=max_size,
+                block_size=self.cluster_size, writable=False, on_full=on_full,
+            )
+            self._snaps[(origin, snap)] = _Snapshot(info, nodes)
+            self._save()
+            return info
+
+    async def drop_snapshot(self, origin: str, snap: str) -> None:
+        async with self._lock:
+            s = self._snap(origin, snap)
+            if s.nodes is not None:
+                self._check_alive()
+                await self._unplug(s.nodes)
+            del self._snaps[(origin, snap)]
+            self._save()
+
+    async def list_snapshots(self) -> list[SnapshotInfo]:
+        async with self._lock:
+            await self._refresh()
+            return [s.info for s in self._snaps.values()]
+
+    async def release(self, origin: str, snap: str, offset: int, length: int) -> None:
+        self._snap(origin, snap)
+        raise SnapshotError(
+            "release is not supported by the qsd backend (a discarded cluster of the qcow2 "
+            "target would read the live origin)"
+        )
+
+    async def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:
+        s = self._snap(origin, snap)
+        if s.nodes is None:
+            raise SnapshotError(f"snapshot {s.info.name} is invalid: {s.info.reason}")
+        self._check_alive()
+        return await asyncio.to_thread(copied_ranges, self.uri(s.info.name))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        async with self._lock:
+            alive = not self.daemon.dead
+            for key, s in list(self._snaps.items()):
+                if s.nodes is None:
+                    continue
+                if alive:
+                    with contextlib.suppress(QemuError):
+                        await self._unplug(s.nodes)
+                with contextlib.suppress(FileNotFoundError):
+                    s.nodes.target_path.unlink()
+                self._snaps[key] = _Snapshot(replace(s.info, valid=False, reason=LOST_REASON), None)
+            self._save()
+            if alive:
+                for onode in self.origins.values():
+                    with contextlib.suppress(QemuError):
+                        await graph.remove_origin(self.qmp, onode)
+                with contextlib.suppress(QemuError):
+                    await self.qmp.execute("nbd-server-stop")
+            await self.daemon.stop()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
+
+    # ---- internals -----------------------------------------------------------------
+    async def _node(self, name: str) -> dict[str, Any]:
+        for n in await self.qmp.execute("query-named-block-nodes", {"flat": True}):
+            if n["node-name"] == name:
+                return dict(n)
+        raise QemuError(f"block node {name} not found in qemu-storage-daemon")
+
+    async def _unplug(self, nodes: SnapshotNodes) -> None:
+        await graph.remove_snapshot(self.qmp, nodes)
+        with contextlib.suppress(FileNotFoundError):
+            nodes.target_path.unlink()
+
+    async def _refresh(self) -> None:
+        """Update preserved counts; invalidate snapshots over max_size (policy invalidate)."""
+        if self.daemon.dead:
+            return
+        changed = False
+        for key, s in list(self._snaps.items()):
+            if s.nodes is None:
+                continue
+            if s.nodes.job_id not in await graph.job_ids(self.qmp):
+                await self._unplug(s.nodes)
+                self._snaps[key] = _Snapshot(replace(s.info, valid=False, reason=(
+                    "the QEMU fleecing job ended on its own")), None)
+                changed = True
+                continue
+            ranges = await asyncio.to_thread(copied_ranges, self.uri(s.info.name))
+            used = sum(length for _, length in ranges)
+            blocks = -(-used // self.cluster_size)
+            info = replace(s.info, preserved_bytes=used, preserved_blocks=blocks)
+            if info.on_full == "invalidate" and info.max_size is not None and used > info.max_size:
+                await self._unplug(s.nodes)
+                info = replace(info, valid=False, reason=(
+                    f"store full: {used} bytes preserved, max size {info.max_size}"))
+                self._snaps[key] = _Snapshot(info, None)
+                changed = True
+            else:
+                self._snaps[key] = _Snapshot(info, s.nodes)
+        if changed:
+            self._save()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if not any(s.nodes and s.info.max_size is not None and s.info.on_full == "invalidate"
+                       for s in self._snaps.values()):
+                continue
+            with contextlib.suppress(QemuError, RuntimeError, OSError):
+                async with self._lock:
+                    await self._refresh()
+
+
+def _qcow2_limit(initial: int, size: int, max_size: int, cluster: int) -> int:
+    """Bytes of qcow2 file that hold ``max_size`` bytes of data plus the metadata for them.
+
+    A fresh image ends inside its last metadata cluster; then come data clusters, the L2
+    tables that map them and, past the first refcount block's reach, more refcount blocks.
+    """
+    data = -(-max_size // cluster) * cluster
+    total = -(-initial // cluster) * cluster + data
+    total += -(-size // (cluster * (cluster // 8))) * cluster          # L2 tables
+    extra_refblocks = max(0, -(-total // (cluster * (cluster // 2))) - 1)
+    return total + extra_refblocks * cluster
+
+
+async def start(
+    origins: dict[str, Path],
+    *,
+    socket: Path,
+    store_dir: Path,
+    block_size: int,
+    tcp: object = None,
+    **_options: object,
+) -> QsdBackend:
+    """Start qemu-storage-daemon serving ``origins`` on the NBD unix socket ``socket``."""
+    if tcp is not None:
+        raise UsageError("--tcp is not supported with --backend qsd (it serves one unix socket)")
+    for name, path in origins.items():
+        if not path.exists():
+            raise UsageError(f"origin {name}: {path} does not exist")
+    store_dir.mkdir(parents=True, exist_ok=True)
+    if socket.exists():
+        raise UsageError(f"socket {socket} already exists (is another server running?)")
+    daemon = await Daemon.start()
+    backend = QsdBackend(daemon, socket, store_dir, block_size)
+    try:
+        await daemon.qmp.execute("nbd-server-start", {
+            "addr": {"type": "unix", "data": {"path": str(socket)}},
+        })
+        os.chmod(socket, 0o600)
+        await backend._setup(origins)
+    except BaseException:
+        await backend.close()
+        raise
+    return backend
