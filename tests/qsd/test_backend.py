@@ -22,6 +22,7 @@ from qsd_clients import (
     same_bytes,
 )
 
+from snapimg.backends.config import ServeConfig
 from snapimg.backends.qsd import QsdBackend, start
 from snapimg.errors import QemuError, SnapshotError, UsageError
 
@@ -46,8 +47,8 @@ async def serve(tmp: Path, size: int = SIZE, patterns: list[tuple[int, int, int]
     origin = tmp / "disk.img"
     if not origin.exists():
         make_origin(origin, size, patterns)
-    return await start({"disk": origin}, socket=tmp / "nbd.sock", store_dir=tmp / "store",
-                       block_size=block_size)
+    return await start(ServeConfig({"disk": origin}, socket=tmp / "nbd.sock",
+                                   store_dir=tmp / "store", block_size=block_size))
 
 
 def snapshot_reference(tmp: Path, name: str) -> Path:

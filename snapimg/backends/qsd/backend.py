@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from snapimg.backends.base import ExportInfo, OnFull, SnapshotInfo
+from snapimg.backends.config import ServeConfig
 from snapimg.backends.qsd import graph, records
 from snapimg.backends.qsd.allocation import copied_ranges
 from snapimg.backends.qsd.daemon import Daemon
@@ -287,32 +288,28 @@ def _qcow2_limit(initial: int, size: int, max_size: int, cluster: int) -> int:
     return total + extra_refblocks * cluster
 
 
-async def start(
-    origins: dict[str, Path],
-    *,
-    socket: Path,
-    store_dir: Path,
-    block_size: int,
-    tcp: object = None,
-    **_options: object,
-) -> QsdBackend:
-    """Start qemu-storage-daemon serving ``origins`` on the NBD unix socket ``socket``."""
-    if tcp is not None:
+async def start(config: ServeConfig) -> QsdBackend:
+    """Start qemu-storage-daemon serving ``config.origins`` on the NBD unix socket.
+
+    Returns once the exports accept connections.  qemu-storage-daemon runs one NBD
+    server, on the unix socket: ``--tcp`` (and so TLS) is refused with this backend.
+    """
+    if config.tcp is not None:
         raise UsageError("--tcp is not supported with --backend qsd (it serves one unix socket)")
-    for name, path in origins.items():
+    for name, path in config.origins.items():
         if not path.exists():
             raise UsageError(f"origin {name}: {path} does not exist")
-    store_dir.mkdir(parents=True, exist_ok=True)
-    if socket.exists():
-        raise UsageError(f"socket {socket} already exists (is another server running?)")
+    config.store_dir.mkdir(parents=True, exist_ok=True)
+    if config.socket.exists():
+        raise UsageError(f"socket {config.socket} already exists (is another server running?)")
     daemon = await Daemon.start()
-    backend = QsdBackend(daemon, socket, store_dir, block_size)
+    backend = QsdBackend(daemon, config.socket, config.store_dir, config.block_size)
     try:
         await daemon.qmp.execute("nbd-server-start", {
-            "addr": {"type": "unix", "data": {"path": str(socket)}},
+            "addr": {"type": "unix", "data": {"path": str(config.socket)}},
         })
-        os.chmod(socket, 0o600)
-        await backend._setup(origins)
+        os.chmod(config.socket, 0o600)
+        await backend._setup(config.origins)
     except BaseException:
         await backend.close()
         raise
