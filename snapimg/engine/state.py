@@ -1,0 +1,118 @@
+"""Everything a store records, in memory: its origins, their snapshots and block
+association, changed only through :meth:`StoreState.apply` (live and on replay alike)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from snapimg.engine import records as R
+from snapimg.engine.index import OriginIndex, pack
+from snapimg.engine.snapshot import SnapshotState
+from snapimg.errors import StoreFormatError
+
+
+@dataclass
+class OriginEntry:
+    id: int
+    name: str
+    size: int
+    fingerprint: str
+    index: OriginIndex
+
+
+class StoreState:
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.by_id: dict[int, OriginEntry] = {}
+        self.by_name: dict[str, OriginEntry] = {}
+
+    def register(self, name: str, size: int, fingerprint: str) -> R.OriginRec:
+        oid = max(self.by_id, default=0) + 1
+        rec = R.OriginRec(oid, size, 1, name, fingerprint)
+        self.apply(rec)
+        return rec
+
+    def _index(self, oid: int) -> OriginIndex:
+        entry = self.by_id.get(oid)
+        if entry is None:
+            raise StoreFormatError(f"store log names an unknown origin id {oid}")
+        return entry.index
+
+    def apply(self, rec: R.Record) -> list[int]:
+        """Apply one record; returns the slots it stopped using."""
+        try:
+            return self._apply(rec)
+        except (KeyError, ValueError) as err:
+            raise StoreFormatError(f"store log is inconsistent at {rec}: {err!r}") from err
+
+    def _apply(self, rec: R.Record) -> list[int]:
+        if isinstance(rec, R.RunRec):
+            idx = self._index(rec.origin)
+            if rec.kind == R.Kind.COPY:
+                return idx.install(rec.block, rec.count, rec.gen, rec.slot)
+            if rec.kind == R.Kind.MAP_STATE:
+                for i in range(rec.count):
+                    idx.restore_entry(rec.block + i, pack(rec.gen, rec.slot + i))
+                return []
+            freed: list[int] = []
+            for i in range(rec.count):
+                if rec.kind == R.Kind.PRIVATE:
+                    freed.extend(idx.add_private(rec.gen, rec.block + i, rec.slot + i))
+                else:
+                    idx.restore_private(rec.gen, rec.block + i, rec.slot + i)
+            return freed
+        if isinstance(rec, R.RangeRec):
+            idx = self._index(rec.origin)
+            if rec.kind == R.Kind.RELEASE:
+                return idx.release(rec.gen, rec.block, rec.count)
+            idx.restore_released(rec.gen, rec.block, rec.count)
+            return []
+        if isinstance(rec, R.GenRec):
+            return self._index(rec.origin).drop(rec.gen)
+        if isinstance(rec, R.InvalidateRec):
+            return self._index(rec.origin).invalidate(rec.gen, rec.reason, rec.time)
+        if isinstance(rec, R.SnapRec):
+            idx = self._index(rec.origin)
+            entry = self.by_id[rec.origin]
+            if rec.gen in idx.snaps:
+                raise ValueError(f"generation {rec.gen} exists twice")
+            idx.add_snapshot(
+                SnapshotState(
+                    origin=entry.name, name=rec.name, gen=rec.gen, created=rec.created,
+                    max_size=rec.max_size, writable=rec.writable,
+                    on_full="block-writes" if rec.on_full == "block-writes" else "invalidate",
+                    valid=rec.valid, reason=rec.reason or None, invalid_time=rec.invalid_time,
+                    preserved=rec.preserved,
+                )  # fmt: skip
+            )
+            return []
+        nblocks = (rec.size + self.block_size - 1) // self.block_size
+        oe = OriginEntry(rec.origin, rec.name, rec.size, rec.fingerprint, OriginIndex(nblocks))
+        oe.index.next_gen = rec.next_gen
+        self.by_id[rec.origin] = oe
+        self.by_name[rec.name] = oe
+        return []
+
+    def checkpoint_records(self) -> Iterator[R.Record]:
+        """The whole state as records that :meth:`apply` restores exactly."""
+        for o in self.by_id.values():
+            yield R.OriginRec(o.id, o.size, o.index.next_gen, o.name, o.fingerprint)
+        for o in self.by_id.values():
+            for s in o.index.snaps.values():
+                yield R.SnapRec(
+                    o.id, s.gen, s.created, s.max_size, s.writable, s.on_full, s.valid,
+                    s.invalid_time, s.preserved, s.name, s.reason or "",
+                )  # fmt: skip
+        for o in self.by_id.values():
+            for b, count, gen, slot in o.index.entry_runs():
+                yield R.RunRec(R.Kind.MAP_STATE, o.id, gen, b, count, slot)
+            for s in o.index.snaps.values():
+                for start, end in s.released.intervals():
+                    yield R.RangeRec(R.Kind.RELEASED_STATE, o.id, s.gen, start, end - start)
+                for b, slot in sorted(s.private.items()):
+                    yield R.RunRec(R.Kind.PRIVATE_STATE, o.id, s.gen, b, 1, slot)
+
+    def referenced_runs(self) -> Iterator[tuple[int, int]]:
+        for o in self.by_id.values():
+            yield from o.index.referenced_slots()

@@ -1,0 +1,354 @@
+"""The preservation store: a data area of block slots plus a record log.
+
+:class:`FileStore` keeps them in a store directory (``store.meta``: header + log;
+``store.data``: slots; ``store.lock``: held while open), format in
+docs/store-format.md.  :class:`RamStore` keeps slots in memory and logs nothing.
+Both raise OSError from the underlying I/O; the engine turns that into policy.
+An optional ``fault`` callable (tests) is called with "data", "log" or "sync" before
+each such operation and may raise OSError to simulate a failing file system.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import threading
+import uuid
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapimg.engine import records
+from snapimg.engine.origin import write_zeroes_fd
+from snapimg.engine.slots import SlotAllocator, merge_slots
+from snapimg.errors import StoreError, StoreFormatError
+
+MAGIC = b"SNAPIMG\x00"
+VERSION = 1
+HEADER_SIZE = 4096
+_HEADER = struct.Struct("<8sII16sIBB40sQ")
+META, DATA, LOCK = "store.meta", "store.data", "store.lock"
+
+Fault = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Header:
+    uuid: bytes
+    block_size: int
+    clean: bool
+    strict: bool  # durability mode of the session that wrote it
+    boot_id: str
+    checkpoint_len: int
+
+    def encode(self) -> bytes:
+        head = _HEADER.pack(
+            MAGIC, VERSION, HEADER_SIZE, self.uuid, self.block_size, self.clean, self.strict,
+            self.boot_id.encode(), self.checkpoint_len,
+        )  # fmt: skip
+        head += struct.pack("<I", zlib.crc32(head))
+        return head.ljust(HEADER_SIZE, b"\0")
+
+    @classmethod
+    def decode(cls, buf: bytes, where: Path) -> Header:
+        if len(buf) < _HEADER.size + 4:
+            raise StoreFormatError(f"store {where} is truncated (no complete header)")
+        magic, version, hsize, uid, bs, clean, strict, boot, cplen = _HEADER.unpack_from(buf)
+        if magic != MAGIC:
+            raise StoreFormatError(f"{where} is not a snapimg store (bad magic)")
+        if version != VERSION:
+            raise StoreFormatError(
+                f"store {where} has format version {version}; this snapimg reads {VERSION}"
+            )
+        (crc,) = struct.unpack_from("<I", buf, _HEADER.size)
+        if crc != zlib.crc32(buf[: _HEADER.size]) or hsize != HEADER_SIZE:
+            raise StoreFormatError(f"store {where} has a corrupted header (checksum mismatch)")
+        return cls(uid, bs, bool(clean), bool(strict), boot.rstrip(b"\0").decode(), cplen)
+
+
+@dataclass
+class Loaded:
+    """What an existing store holds, read without changing anything."""
+
+    header: Header
+    checkpoint: list[records.Record]
+    tail: list[records.Record]
+    data_slots: int
+
+
+def read_store(path: Path, same_boot: bool) -> Loaded | None:
+    """Parse the store in ``path`` (None when there is none yet)."""
+    meta, data = path / META, path / DATA
+    if not meta.exists():
+        if data.exists():
+            raise StoreFormatError(f"store {path} has {DATA} but no {META}")
+        return None
+    buf = meta.read_bytes()
+    header = Header.decode(buf[:HEADER_SIZE], meta)
+    if not data.exists():
+        raise StoreFormatError(f"store {path} has no {DATA}")
+    cp_end = HEADER_SIZE + header.checkpoint_len
+    if len(buf) < cp_end:
+        raise StoreFormatError(f"store {meta} is truncated (checkpoint incomplete)")
+    view = memoryview(buf)
+    checkpoint: list[records.Record] = []
+    pos = HEADER_SIZE
+    while pos < cp_end:
+        got = records.decode_at(view[:cp_end], pos)
+        if got is None:
+            raise StoreFormatError(f"store {meta} is corrupted (checkpoint record at {pos})")
+        rec, pos = got
+        checkpoint.append(rec)
+    tail: list[records.Record] = []
+    while True:
+        got = records.decode_at(view, pos)
+        if got is None:
+            break
+        rec, pos = got
+        tail.append(rec)
+    rest = buf[pos:]
+    # A killed process leaves at most one torn record at the end of the log.  More
+    # non-zero bytes than that after the first bad record means corruption, unless the
+    # host went down (then unsynced log pages may be missing in any order).
+    if same_boot and len(rest) > records.MAX_RECORD and rest.strip(b"\0"):
+        raise StoreFormatError(f"store {meta} is corrupted (bad log record at byte {pos})")
+    bs = header.block_size
+    data_slots = (os.stat(data).st_size + bs - 1) // bs
+    return Loaded(header, checkpoint, tail, data_slots)
+
+
+class Store:
+    """Slots and log; subclasses do the I/O.  ``alloc``/``free`` need the caller's lock."""
+
+    def __init__(self, block_size: int, fault: Fault | None) -> None:
+        self.block_size = block_size
+        self.fault = fault
+        self.slots = SlotAllocator()
+        self.appended = 0  # records appended (sequence for group commit)
+        self._append_lock = threading.Lock()
+
+    def alloc(self, n: int) -> list[tuple[int, int]]:
+        return self.slots.alloc(n)
+
+    def free(self, slots: Iterable[int]) -> None:
+        for start, count in merge_slots(list(slots)):
+            self.slots.free(start, count)
+            self._release(start, count)
+
+    def free_runs(self, runs: Iterable[tuple[int, int]]) -> None:
+        for start, count in runs:
+            self.slots.free(start, count)
+            self._release(start, count)
+
+    def write_slots(self, slot: int, data: bytes | bytearray | memoryview, within: int = 0) -> None:
+        if self.fault:
+            self.fault("data")
+        self._write(slot * self.block_size + within, data)
+
+    def append(self, blob: bytes) -> int:
+        """Append records to the log; returns the sequence number to sync up to."""
+        with self._append_lock:
+            if self.fault:
+                self.fault("log")
+            self._append(blob)
+            self.appended += 1
+            return self.appended
+
+    def sync_upto(self, seq: int) -> None:
+        """Make everything appended up to ``seq`` durable (strict mode)."""
+        self.sync()
+
+    # subclass hooks
+    def read_slots(self, slot: int, nbytes: int, within: int = 0) -> bytes:
+        """``nbytes`` from byte ``within`` of ``slot`` on (crossing into the next slots)."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        pass
+
+    def _write(self, pos: int, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    def _append(self, blob: bytes) -> None:
+        pass
+
+    def _release(self, start: int, count: int) -> None:
+        pass
+
+    def checkpoint(self, blob: bytes, clean: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RamStore(Store):
+    """Slots in memory: tests and throwaway snapshots."""
+
+    def __init__(self, block_size: int, fault: Fault | None = None) -> None:
+        super().__init__(block_size, fault)
+        self._blocks: dict[int, bytearray] = {}
+        self._lock = threading.Lock()
+
+    def _write(self, pos: int, data: bytes | bytearray | memoryview) -> None:
+        bs = self.block_size
+        view = memoryview(data)
+        with self._lock:
+            while view:
+                slot, within = divmod(pos, bs)
+                n = min(len(view), bs - within)
+                blk = self._blocks.get(slot)
+                if blk is None:
+                    blk = self._blocks[slot] = bytearray(bs)
+                blk[within : within + n] = view[:n]
+                view = view[n:]
+                pos += n
+
+    def read_slots(self, slot: int, nbytes: int, within: int = 0) -> bytes:
+        bs = self.block_size
+        slot += within // bs
+        within %= bs
+        parts = []
+        zero = bytes(bs)
+        with self._lock:
+            for s in range(slot, slot + (within + nbytes + bs - 1) // bs):
+                blk = self._blocks.get(s)
+                parts.append(bytes(blk) if blk is not None else zero)
+        return b"".join(parts)[within : within + nbytes]
+
+    def _release(self, start: int, count: int) -> None:
+        with self._lock:
+            for s in range(start, start + count):
+                self._blocks.pop(s, None)
+
+
+class FileStore(Store):
+    """The store directory on disk."""
+
+    def __init__(
+        self, path: Path, block_size: int, strict: bool, boot_id: str, fault: Fault | None
+    ) -> None:
+        super().__init__(block_size, fault)
+        self.path = path
+        self.strict = strict
+        self.boot_id = boot_id
+        self.uuid = uuid.uuid4().bytes
+        self._lock_fd = -1
+        self.meta_fd = -1
+        self.data_fd = -1
+        self.log_end = 0
+        self._synced = 0
+        self._syncing = False
+        self._sync_cond = threading.Condition()
+
+    def lock(self) -> None:
+        """Take the store directory's lock (before reading it)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise StoreError(f"cannot open store {self.path}: {err.strerror}") from err
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise StoreError(f"store {self.path} is in use by another process") from err
+
+    def start(self, header_uuid: bytes | None, checkpoint: bytes) -> None:
+        """Open for writing: a fresh meta file (header + checkpoint), unclean, our boot id."""
+        if header_uuid is not None:
+            self.uuid = header_uuid
+        self.data_fd = os.open(self.path / DATA, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._write_meta(checkpoint, clean=False)
+
+    def _write_meta(self, checkpoint: bytes, clean: bool) -> None:
+        header = Header(
+            self.uuid, self.block_size, clean, self.strict, self.boot_id, len(checkpoint)
+        )
+        tmp = self.path / (META + ".tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            blob = header.encode() + checkpoint
+            view = memoryview(blob)
+            pos = 0
+            while pos < len(blob):
+                pos += os.pwrite(fd, view[pos:], pos)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.rename(tmp, self.path / META)
+        dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        if self.meta_fd >= 0:
+            os.close(self.meta_fd)
+        self.meta_fd = fd
+        self.log_end = len(blob)
+
+    def _write(self, pos: int, data: bytes | bytearray | memoryview) -> None:
+        n = os.pwrite(self.data_fd, data, pos)
+        if n != len(data):
+            raise OSError(errno.ENOSPC, "short write to the store")
+
+    def read_slots(self, slot: int, nbytes: int, within: int = 0) -> bytes:
+        data = os.pread(self.data_fd, nbytes, slot * self.block_size + within)
+        return data if len(data) == nbytes else data.ljust(nbytes, b"\0")
+
+    def _append(self, blob: bytes) -> None:
+        n = os.pwrite(self.meta_fd, blob, self.log_end)
+        if n != len(blob):
+            raise OSError(errno.ENOSPC, "short write to the store log")
+        self.log_end += n
+
+    def _release(self, start: int, count: int) -> None:
+        bs = self.block_size
+        try:
+            if self.slots.end <= start:
+                os.ftruncate(self.data_fd, self.slots.end * bs)
+            else:
+                write_zeroes_fd(self.data_fd, start * bs, count * bs, punch=True)
+        except OSError:
+            pass  # space stays allocated; the slots are free for reuse all the same
+
+    def sync(self) -> None:
+        if self.fault:
+            self.fault("sync")
+        os.fdatasync(self.data_fd)
+        os.fdatasync(self.meta_fd)
+
+    def sync_upto(self, seq: int) -> None:
+        """Group commit: one fdatasync covers every record appended before it started."""
+        with self._sync_cond:
+            while self._synced < seq:
+                if self._syncing:
+                    self._sync_cond.wait()
+                    continue
+                self._syncing = True
+                target = self.appended
+                self._sync_cond.release()
+                try:
+                    self.sync()
+                finally:
+                    self._sync_cond.acquire()
+                    self._syncing = False
+                    self._sync_cond.notify_all()
+                self._synced = max(self._synced, target)
+
+    def checkpoint(self, blob: bytes, clean: bool) -> None:
+        """Replace the log by ``blob`` (the whole state) atomically."""
+        os.fdatasync(self.data_fd)
+        self._write_meta(blob, clean)
+        self._synced = self.appended
+
+    def close(self) -> None:
+        for fd in (self.meta_fd, self.data_fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.meta_fd = self.data_fd = self._lock_fd = -1
