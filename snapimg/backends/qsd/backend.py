@@ -149,7 +149,8 @@ class QsdBackend:
             if max_size is not None and on_full == "block-writes":
                 limit = _qcow2_limit(os.stat(target).st_size, size, max_size, self.cluster_size)
                 os.truncate(target, limit)
-            nodes = SnapshotNodes(self._key("s"), f"{origin}@{snap}", target, limit)
+            base = target.stat().st_blocks * 512
+            nodes = SnapshotNodes(self._key("s"), f"{origin}@{snap}", target, limit, base)
             try:
                 await graph.add_snapshot(self.qmp, onode.fmt, nodes)
             except BaseException:
@@ -253,10 +254,11 @@ class QsdBackend:
             used = sum(length for _, length in ranges)
             blocks = -(-used // self.cluster_size)
             info = replace(s.info, preserved_bytes=used, preserved_blocks=blocks)
-            if info.on_full == "invalidate" and info.max_size is not None and used > info.max_size:
+            grown = s.nodes.grown_bytes()
+            if info.on_full == "invalidate" and info.max_size is not None and grown > info.max_size:
                 await self._unplug(s.nodes)
                 info = replace(info, valid=False, reason=(
-                    f"store full: {used} bytes preserved, max size {info.max_size}"))
+                    f"store full: target grew by {grown} bytes, max size {info.max_size}"))
                 self._snaps[key] = _Snapshot(info, None)
                 changed = True
             else:

@@ -42,6 +42,18 @@ class SnapshotNodes:
     export_name: str         # "NAME@SNAP"
     target_path: Path
     limit: int | None        # byte limit of the qcow2 file (raw 'size'), None: unlimited
+    base: int = 0            # disk bytes of the fresh image (header, tables)
+
+    def grown_bytes(self) -> int:
+        """Disk bytes the target file gained since creation: data clusters and L2 tables.
+
+        Clusters preserved as zeroes take no space; this is what max-size bounds.
+        """
+        try:
+            used = self.target_path.stat().st_blocks * 512
+        except FileNotFoundError:
+            return 0
+        return max(0, used - self.base)
 
     @property
     def cbw(self) -> str:
