@@ -187,6 +187,15 @@ def _read_gpt(src: Source, findings: list[Finding]) -> PartitionTable | None:
         header = primary or backup
         if header is None:
             continue
+        if primary and primary["alternate"] != last_lba:
+            findings.append(
+                Finding(
+                    "warning",
+                    "disk",
+                    f"the GPT was made for a disk of {primary['alternate'] + 1} sectors; "
+                    f"this one has {last_lba + 1}",
+                )
+            )
         if primary and not backup:
             findings.append(Finding("warning", "disk", "backup GPT header missing or damaged"))
         elif backup and not primary:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,10 +70,12 @@ def blkid(image: Path, offset: int) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def inspect_json(target: str | Path, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
-    capsys.readouterr()
+def inspect_json(target: str | Path, cap: pytest.CaptureFixture[Any]) -> dict[str, Any]:
+    """``snapimg inspect --json`` in-process; ``cap``: capsys or capfdbinary."""
+    cap.readouterr()
     assert main(["inspect", "--json", str(target)]) == 0
-    rep: dict[str, object] = json.loads(capsys.readouterr().out)
+    out = cap.readouterr().out
+    rep: dict[str, Any] = json.loads(out.decode() if isinstance(out, bytes) else out)
     return rep
 
 

@@ -1,0 +1,136 @@
+"""Inspecting live NBD exports: a qemu-storage-daemon export of an image, and a snapshot
+served by ``snapimg serve`` while its origin is being overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nbd
+import pytest
+
+from snapimg.cli.main import main
+from tests.inspect.helpers import GptDisk, NbdExport, inspect_json, run
+
+SNAPIMG = [sys.executable, "-m", "snapimg.cli.main"]
+
+
+def _same_disk(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for key in ("virtual_size", "partition_table", "partitions", "filesystem", "allocation",
+                "findings"):
+        assert a[key] == b[key], key
+
+
+def test_qsd_export_reads_like_the_file(
+    gpt_disk: GptDisk,
+    qsd_export: Callable[[Path], NbdExport],
+    capfdbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    exp = qsd_export(gpt_disk.path)
+    over_nbd: dict[str, Any] = inspect_json(exp.uri, capfdbinary)
+    from_file: dict[str, Any] = inspect_json(gpt_disk.path, capfdbinary)
+    assert over_nbd["kind"] == "nbd" and from_file["kind"] == "image"
+    _same_disk(over_nbd, from_file)  # allocation too: block status = SEEK_DATA here
+
+    capfdbinary.readouterr()
+    assert main(["cat", f"{exp.uri}:2", "/dir/nested/big.bin"]) == 0
+    assert capfdbinary.readouterr().out == gpt_disk.ext_files["dir/nested/big.bin"]
+
+    assert main(["checksum", exp.uri]) == 0
+    assert capfdbinary.readouterr().out.split()[0].decode() == run(
+        "sha256sum", gpt_disk.path).split()[0]
+
+    assert main(["diff", exp.uri, str(gpt_disk.path)]) == 0
+
+
+class _Serve:
+    def __init__(self, workdir: Path, image: Path) -> None:
+        self.socket, self.control = workdir / "nbd.sock", workdir / "ctl.sock"
+        self.proc = subprocess.Popen(
+            [*SNAPIMG, "serve", f"disk={image}", "--socket", str(self.socket),
+             "--control", str(self.control), "--store-dir", str(workdir / "store")],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if select.select([self.proc.stdout], [], [], 0.5)[0]:
+                self.proc.stdout.readline()
+                return
+        raise AssertionError("snapimg serve did not get ready")
+
+    def uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.socket}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture
+def served(gpt_disk: GptDisk, tmp_path: Path) -> Iterator[tuple[_Serve, Path]]:
+    image = tmp_path / "vm.img"
+    shutil.copyfile(gpt_disk.path, image)
+    s = _Serve(tmp_path, image)
+    try:
+        yield s, image
+    finally:
+        s.stop()
+
+
+def test_live_snapshot_keeps_its_filesystems_while_the_origin_changes(
+    gpt_disk: GptDisk,
+    served: tuple[_Serve, Path],
+    capfdbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    s, _ = served
+    before: dict[str, Any] = inspect_json(gpt_disk.path, capfdbinary)
+    snap_uri = subprocess.run(
+        [*SNAPIMG, "snapshot", "create", "--control", str(s.control), "disk@s1"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert snap_uri == s.uri("disk@s1")
+
+    # Wipe the start of partition 1 (its FAT boot sector and FATs) on the live origin.
+    fat_start = before["partitions"][0]["start"]
+    h = nbd.NBD()
+    h.connect_uri(s.uri("disk"))
+    h.pwrite(b"\xaa" * (1 << 20), fat_start)
+    h.flush()
+    h.shutdown()
+
+    snap: dict[str, Any] = inspect_json(snap_uri, capfdbinary)
+    origin: dict[str, Any] = inspect_json(s.uri("disk"), capfdbinary)
+    assert snap["partitions"] == before["partitions"]
+    assert snap["partitions"][0]["filesystem"]["label"] == "FATVOL"
+    assert origin["partitions"][0]["filesystem"] is None  # wiped on the origin
+    assert origin["partitions"][1:] == before["partitions"][1:]
+
+    capfdbinary.readouterr()
+    assert main(["cat", f"{snap_uri}:1", "/A long file name.bin"]) == 0
+    assert capfdbinary.readouterr().out == gpt_disk.fat_files["A long file name.bin"]
+
+    assert main(["checksum", snap_uri]) == 0
+    expected = hashlib.sha256(gpt_disk.path.read_bytes()).hexdigest()
+    assert capfdbinary.readouterr().out.split()[0].decode() == expected
+
+    capfdbinary.readouterr()
+    assert main(["diff", "--json", snap_uri, s.uri("disk")]) == 1
+    rep = json.loads(capfdbinary.readouterr().out)
+    assert rep["ranges"] == [{"offset": fat_start, "length": 1 << 20}]
