@@ -1,0 +1,66 @@
+"""A one-line progress bar on a terminal (bytes, rate, ETA); silent anywhere else."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from snapimg.units import format_size
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """Counts bytes against a total; draws at most ``hz`` times a second when enabled.
+
+    Enabled by default only when ``stream`` is a TTY, so pipes, logs and ``--json``
+    output stay clean.
+    """
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None,
+                 enabled: bool | None = None, hz: float = 8.0) -> None:
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self._start = time.monotonic()
+        self._last_draw = 0.0
+        self._interval = 1.0 / hz
+        self._drawn = False
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.enabled:
+            now = time.monotonic()
+            if now - self._last_draw >= self._interval:
+                self._last_draw = now
+                self._draw(now)
+
+    def line(self, now: float) -> str:
+        elapsed = max(now - self._start, 1e-9)
+        rate = self.done / elapsed
+        frac = self.done / self.total if self.total else 1.0
+        width = 24
+        filled = min(width, int(frac * width))
+        bar = "#" * filled + "-" * (width - filled)
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        return (f"{self.label} [{bar}] {format_size(self.done)} / {format_size(self.total)}"
+                f"  {format_size(int(rate))}/s  ETA {_clock(eta)}")
+
+    def _draw(self, now: float) -> None:
+        self.stream.write("\r\x1b[K" + self.line(now))
+        self.stream.flush()
+        self._drawn = True
+
+    def finish(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            self.stream.write("\n")
+            self.stream.flush()
