@@ -1,0 +1,48 @@
+"""Fixtures of the VM tests: rig settings, and per-test log directories kept on failure."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmtests import config
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def vm_settings() -> config.Settings:
+    settings = config.load()
+    if reason := settings.accel_unusable():
+        pytest.skip(reason)
+    if not settings.freedos_image.is_file():
+        pytest.skip(f"FreeDOS image not found at {settings.freedos_image} "
+                    "(set SNAPIMG_FREEDOS_IMAGE; see docs/vmtests.md)")
+    return settings
+
+
+@pytest.fixture
+def vm_log_dir(request: pytest.FixtureRequest, vm_settings: config.Settings) -> Iterator[Path]:
+    """Serial consoles and QEMU/snapimg logs of this test; removed only if the test passed."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+    log_dir = vm_settings.log_dir / name
+    shutil.rmtree(log_dir, ignore_errors=True)
+    log_dir.mkdir(parents=True)
+    yield log_dir
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.passed:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    else:
+        print(f"\nVM logs kept in {log_dir}")

@@ -1,0 +1,1 @@
+"""Guest operating systems of the rig."""
