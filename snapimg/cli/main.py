@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "snapimg.cli.serve",
     "snapimg.cli.snapshot",
     "snapimg.cli.inspect",
+    "snapimg.cli.attach",
     "snapimg.cli.backup",
 )
 
