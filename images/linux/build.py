@@ -55,7 +55,7 @@ LIB_DIRS = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"]
 LOADER = "lib64/ld-linux-x86-64.so.2"
 # Module roots per phase of /init, with parameters.  Dependencies are added from .modinfo.
 MODULES = {
-    "net": ["virtio_pci", "virtio_net", "e1000"],
+    "net": ["virtio_pci", "virtio_net", "e1000", "virtio_rng"],
     # sd_mod before the controllers keeps sdX names stable between boots
     "storage": ["sd_mod", "ata_piix", "ata_generic", "ahci",
                 "sym53c8xx settle=0", "megaraid_sas", "virtio_scsi", "virtio_blk"],
