@@ -112,7 +112,7 @@ def diff_sources(
     return result
 
 
-def _mark(blocks: _Blocks, off: int, da: bytes, db: bytes, bs: int) -> None:
+def _mark(blocks: _Blocks, off: int, da: bytes | bytearray, db: bytes | bytearray, bs: int) -> None:
     """Mark the blocks of piece ``off`` whose bytes differ."""
     pos = 0
     n = len(da)

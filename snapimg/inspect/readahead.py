@@ -2,7 +2,8 @@
 
 ``checksum`` and ``diff`` spend their time in two things that both release the GIL: the
 ``pread`` (file or NBD) and hashing / comparing.  A reader thread a few chunks ahead lets
-them overlap, as a plain ``read(); update()`` loop cannot.
+them overlap, as a plain ``read(); update()`` loop cannot.  Reads land in a small ring of
+reused buffers: fresh multi-MiB ``bytes`` per read would cost a page fault per 4 KiB.
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ class _Failed:
 
 def read_ahead(
     src: Source, reads: Iterable[tuple[int, int]], depth: int = _DEPTH
-) -> Generator[bytes, None, None]:
-    """The data of each (offset, length) in ``reads``, in order, read by a helper thread.
+) -> Generator[bytearray, None, None]:
+    """The data of each (offset, length) in ``reads`` (at most CHUNK long), in order.
 
-    Closing the iterator early (break, exception) stops the thread.
+    Each yielded buffer is exactly as long as its read and valid until the consumer asks
+    for the next one but ``depth``: it is then reused.  Closing the generator early
+    (break, exception) stops the reader thread.
     """
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    ring = [bytearray(CHUNK) for _ in range(depth + 2)]
 
     def put(item: object) -> bool:
         while not stop.is_set():
@@ -53,8 +57,12 @@ def read_ahead(
 
     def work() -> None:
         try:
-            for off, n in reads:
-                if not put(src.pread(off, n)):
+            for i, (off, n) in enumerate(reads):
+                buf = ring[i % len(ring)]
+                if len(buf) != n:  # a short piece: its own buffer, so ring ones keep CHUNK
+                    buf = bytearray(n)
+                src.pread_into(off, buf, n)
+                if not put(buf):
                     return
         except BaseException as err:  # handed to the consumer, raised there
             put(_Failed(err))
@@ -70,7 +78,7 @@ def read_ahead(
                 return
             if isinstance(item, _Failed):
                 raise item.err
-            assert isinstance(item, bytes)
+            assert isinstance(item, bytearray)
             yield item
     finally:
         stop.set()

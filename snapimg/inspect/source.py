@@ -54,6 +54,10 @@ class Source(ABC):
     def _extents_at(self, offset: int, length: int) -> list[Extent]:
         """Extents covering at least ``offset``, never running past ``offset + length``."""
 
+    def pread_into(self, offset: int, buf: bytearray, length: int) -> None:
+        """Read ``length`` bytes at ``offset`` into the start of ``buf``."""
+        buf[:length] = self.pread(offset, length)
+
     def close(self) -> None:
         return None
 
@@ -116,6 +120,18 @@ class FileSource(Source):
                 raise DeviceError(f"{self.name}: unexpected end of file at {offset + len(data)}")
             data += more
         return data
+
+    def pread_into(self, offset: int, buf: bytearray, length: int) -> None:
+        """Straight into ``buf`` (no new pages to fault in, unlike a fresh ``bytes``)."""
+        if offset < 0 or offset + length > self.size:
+            raise DeviceError(f"{self.name}: read {offset}+{length} beyond the end ({self.size})")
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            n = os.preadv(self._fd, [view[done:length]], offset + done)
+            if n <= 0:
+                raise DeviceError(f"{self.name}: unexpected end of file at {offset + done}")
+            done += n
 
     def _extents_at(self, offset: int, length: int) -> list[Extent]:
         end = offset + length
