@@ -1,10 +1,12 @@
 """Disk controllers a guest's hard disks can sit on: the QEMU arguments for each.
 
 Every disk gets a ``bootindex`` (the floppy, if any, gets bootindex 0 through
-``-global isa-fdc.bootindexA=0``), so the firmware's disk order is explicit.  megasas numbers
-BIOS disks in reverse order (scsi-id 1 becomes 80h): guest programs must find their disk
-by a marker, never by number.  IDE and AHCI disks cannot be read-only in QEMU: the machine
-puts a throw-away qcow2 overlay over a read-only disk on them (see machine.py).
+``-global isa-fdc.bootindexA=0``), so the firmware's disk order is explicit: SeaBIOS then
+numbers hard disks in bootindex order (80h = bootindex 1) on every controller here.  Without
+bootindex, megasas numbers them in reverse (scsi-id 1 becomes 80h), so guest programs that
+write raw sectors still find their disk by a marker, never by number.  IDE and AHCI disks
+cannot be read-only in QEMU: the machine puts a throw-away qcow2 overlay over a read-only
+disk on them (see machine.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class Controller:
     hba_device: str | None     # the -device of the host adapter, None if built into the machine
     kind: str                  # "ide", "ahci" or "scsi"
     supports_read_only: bool
-    reverses_disk_order: bool = False
+    reverses_disk_order: bool = False   # BIOS order reversed when no bootindex is given
     max_disks: int = 4
 
     def machine_args(self) -> list[str]:

@@ -20,7 +20,6 @@ from vmtests.scenarios import attach_to_backup_vm
 pytestmark = pytest.mark.vm
 
 ALL_CONTROLLERS = list(CONTROLLERS)
-BACKUP_VM_CONTROLLERS = ["ide", "lsi"]
 
 
 @pytest.mark.parametrize("controller", ALL_CONTROLLERS)
@@ -39,7 +38,7 @@ def test_snapshot_without_pause(controller: str, vm_settings: config.Settings,
     assert result.problems == []
 
 
-@pytest.mark.parametrize("controller", BACKUP_VM_CONTROLLERS)
+@pytest.mark.parametrize("controller", ALL_CONTROLLERS)
 def test_attach_to_backup_vm(controller: str, vm_settings: config.Settings,
                              vm_log_dir: Path, tmp_path: Path) -> None:
     result = run_scenario("attach-to-backup-vm", controller, vm_settings, tmp_path, vm_log_dir)

@@ -59,8 +59,6 @@ async def _read_backup(rig: Rig, snap_uri: str) -> tuple[dict[str, str], float]:
     shutil.copyfile(rig.artifacts.test_disk, scratch)
     disks = [DiskSpec.raw_file("scratch", scratch),
              DiskSpec.nbd_unix("backup", Path(socket), export, read_only=True)]
-    if rig.controller.reverses_disk_order:
-        disks.reverse()   # megasas: keep the snapshot the BIOS's second disk, DOS's D:
     names = [freedos.file_name(slot) for slot in range(freedos.FILE_SLOTS)]
     job = [freedos.reader_job([f"D:\\{n}" for n in names])]
     machine = rig.machine("backupvm", job, disks=disks)
