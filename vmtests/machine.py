@@ -179,11 +179,12 @@ class Machine:
         """Stop QEMU (QMP quit, then SIGKILL to its process group) and release everything."""
         proc = self.process
         if proc is not None and proc.returncode is None:
-            if self.qmp.runstate is not None and self.qmp.runstate.name == "RUNNING":
+            polite = self.qmp.runstate is not None and self.qmp.runstate.name == "RUNNING"
+            if polite:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.qmp.execute("quit"), 5)
             try:
-                await asyncio.wait_for(proc.wait(), 5)
+                await asyncio.wait_for(proc.wait(), 5 if polite else 0.01)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
