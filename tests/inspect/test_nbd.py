@@ -56,9 +56,10 @@ def test_qsd_export_reads_like_the_file(
 class _Serve:
     def __init__(self, workdir: Path, image: Path) -> None:
         self.socket, self.control = workdir / "nbd.sock", workdir / "ctl.sock"
+        self.store = workdir / "store"
         self.proc = subprocess.Popen(
             [*SNAPIMG, "serve", f"disk={image}", "--socket", str(self.socket),
-             "--control", str(self.control), "--store-dir", str(workdir / "store")],
+             "--control", str(self.control), "--store-dir", str(self.store)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             start_new_session=True,
         )
@@ -102,7 +103,8 @@ def test_live_snapshot_keeps_its_filesystems_while_the_origin_changes(
     s, _ = served
     before: dict[str, Any] = inspect_json(gpt_disk.path, capfdbinary)
     snap_uri = subprocess.run(
-        [*SNAPIMG, "snapshot", "create", "--control", str(s.control), "disk@s1"],
+        [*SNAPIMG, "snapshot", "create", "--control", str(s.control), "disk@s1",
+         "--max-size", "4M"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()
     assert snap_uri == s.uri("disk@s1")
@@ -134,3 +136,21 @@ def test_live_snapshot_keeps_its_filesystems_while_the_origin_changes(
     assert main(["diff", "--json", snap_uri, s.uri("disk")]) == 1
     rep = json.loads(capfdbinary.readouterr().out)
     assert rep["ranges"] == [{"offset": fat_start, "length": 1 << 20}]
+
+    # The store directory, inspected while snapimg serve has it open, then after it stopped.
+    listed = json.loads(subprocess.run(
+        [*SNAPIMG, "snapshot", "list", "--control", str(s.control), "--json"],
+        capture_output=True, text=True, check=True).stdout)
+    store: dict[str, Any] = inspect_json(s.store, capfdbinary)
+    assert store["kind"] == "store" and store["in_use_by_pid"] == s.proc.pid
+    assert store["block_size"] == 65536
+    [origin] = store["origins"]
+    assert origin["name"] == "disk" and origin["size"] == before["virtual_size"]
+    for mine, theirs in zip(origin["snapshots"], listed, strict=True):
+        assert {k: mine[k] for k in theirs} == theirs
+    assert origin["snapshots"][0]["preserved_bytes"] == 1 << 20
+    assert origin["snapshots"][0]["fill_percent"] == 25.0
+    s.stop()
+    closed: dict[str, Any] = inspect_json(s.store, capfdbinary)
+    assert closed["in_use_by_pid"] is None and closed["clean"] is True
+    assert closed["origins"] == store["origins"]
