@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from snapimg.backup import incfile
-from snapimg.backup.fileio import copy_range, extents, hash_zeroes, read_exact
+from snapimg.backup.fileio import copy_range, extents, hash_zeroes
 from snapimg.backup.manifest import BackupRecord, Manifest
 from snapimg.errors import BackupError
 
@@ -110,6 +110,7 @@ def image_map(directory: Path, records: list[BackupRecord]) -> list[Segment]:
 def hash_segments(segments: list[Segment]) -> str:
     """sha256 of the image the segments describe (holes hashed as zeroes)."""
     sha = hashlib.sha256()
+    buf = bytearray(READ_CHUNK)
     with ExitStack() as stack:
         fds: dict[Path, int] = {}
         for seg in segments:
@@ -127,9 +128,11 @@ def hash_segments(segments: list[Segment]) -> str:
                     continue
                 done = 0
                 while done < n:
-                    k = min(n - done, READ_CHUNK)
-                    sha.update(read_exact(fd, off + done, k))
-                    done += k
+                    view = memoryview(buf)[:min(n - done, READ_CHUNK)]
+                    if os.preadv(fd, [view], off + done) != len(view):
+                        raise BackupError(f"{seg.path}: short read at {off + done}")
+                    sha.update(view)
+                    done += len(view)
     return sha.hexdigest()
 
 

@@ -42,7 +42,8 @@ class BackupResult:
     changed_blocks: int
     duration: float
     dropped: bool
-    notice: str | None = None
+    copy_duration: float = 0.0  # reading, writing and read-back verification
+    hash_duration: float = 0.0  # incremental: sha256 of the full image, after the copy
 
     def to_json(self) -> dict[str, Any]:
         rec = self.record
@@ -55,6 +56,8 @@ class BackupResult:
             "bytes_zero_read": self.copy.bytes_zero_read,
             "changed_blocks": self.changed_blocks, "block_size": rec.block_size,
             "duration": round(self.duration, 3), "mib_per_s": round(mib_s, 1),
+            "copy_duration": round(self.copy_duration, 3),
+            "hash_duration": round(self.hash_duration, 3),
             "sha256": rec.sha256,
         }
 
@@ -115,7 +118,7 @@ def run_backup(control: Path, origin: str, directory: Path, *, since: str | None
         try:
             if uri is None:
                 raise BackupError(f"the server did not give an NBD URI for {origin}@{snap}")
-            record, result, changed = _copy(client, directory, backup_id, origin, snap, uri,
+            record, result, changed, phases = _copy(client, directory, backup_id, origin, snap, uri,
                                             info.block_size, since, parent, parent_chain,
                                             keep is not None, progress)
             man.backups.append(record)
@@ -129,13 +132,14 @@ def run_backup(control: Path, origin: str, directory: Path, *, since: str | None
             if keep is None:
                 dropped = _drop(client, origin, snap)
             _clear_pending(directory)
-        return BackupResult(record, result, changed, time.monotonic() - t0, dropped)
+        return BackupResult(record, result, changed, time.monotonic() - t0, dropped, *phases)
 
 
 def _copy(client: ControlClient, directory: Path, backup_id: str, origin: str, snap: str,
           uri: str, block_size: int, since: str | None, parent: BackupRecord | None,
           parent_chain: list[BackupRecord], kept: bool,
-          progress: bool | None) -> tuple[BackupRecord, CopyResult, int]:
+          progress: bool | None
+          ) -> tuple[BackupRecord, CopyResult, int, tuple[float, float]]:
     kind: manifest.Kind = "full" if parent is None else "incremental"
     name = f"{backup_id}.raw" if parent is None else f"{backup_id}.inc"
     final = directory / name
@@ -153,7 +157,9 @@ def _copy(client: ControlClient, directory: Path, backup_id: str, origin: str, s
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, size)
+            t0 = time.monotonic()
             result = copy_ranges(src, fd, ranges, hash_stream=parent is None, progress=bar)
+            t1 = time.monotonic()
             bar.finish()
             if parent is None:
                 assert result.sha256 is not None
@@ -169,6 +175,7 @@ def _copy(client: ControlClient, directory: Path, backup_id: str, origin: str, s
                 digest = chain.hash_segments(segments)
                 changed = _blocks(ranges, block_size)
                 written = result.bytes_written
+            t2 = time.monotonic()
             publish(fd, tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -181,7 +188,7 @@ def _copy(client: ControlClient, directory: Path, backup_id: str, origin: str, s
         snapshot=f"{origin}@{snap}", created=datetime.now(UTC).isoformat(timespec="seconds"),
         file=name, size=size, block_size=block_size, bytes_written=written, sha256=digest,
         snapshot_kept=kept)
-    return record, result, changed
+    return record, result, changed, (t1 - t0, t2 - t1)
 
 
 def _drop(client: ControlClient, origin: str, snap: str) -> bool:
