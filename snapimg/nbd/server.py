@@ -19,10 +19,13 @@ import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 from snapimg.errors import UsageError
 from snapimg.nbd.exports import ExportTable
 from snapimg.nbd.handshake import Session, negotiate
+from snapimg.nbd.requests import Context
+from snapimg.nbd.threaded import ThreadedTransmission
 from snapimg.nbd.transmission import Transmission
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class NbdServer:
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
         self._conns: dict[asyncio.Task[None], Session] = {}
+        self._threaded: dict[asyncio.Task[None], ThreadedTransmission] = {}
         exports.on_removal(self.disconnect_export)
 
     async def listen_unix(self, path: Path) -> None:
@@ -97,7 +101,10 @@ class NbdServer:
         try:
             if await negotiate(session, self.exports, tls) is None:
                 return
-            await Transmission(session, self.executor, self.max_in_flight).run()
+            if session.tls_active:
+                await Transmission(session, self.executor, self.max_in_flight).run()
+            else:
+                await self._run_threaded(session, task)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as err:
             log.debug("connection ended: %s", err)
         except Exception:
@@ -108,20 +115,54 @@ class NbdServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    async def _run_threaded(self, session: Session, task: asyncio.Task[None]) -> None:
+        """Take the socket off the event loop and serve it from a thread of its own."""
+        assert session.export is not None
+        transport = cast(asyncio.Transport, session.writer.transport)
+        transport.pause_reading()
+        leftover = bytes(session.reader._buffer)  # type: ignore[attr-defined]  # read ahead
+        fd = os.dup(transport.get_extra_info("socket").fileno())
+        transport.abort()
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(True)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def resolve() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def finished() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone
+                loop.call_soon_threadsafe(resolve)
+
+        ctx = Context(session.export.device, session.structured, session.base_allocation)
+        conn = ThreadedTransmission(sock, leftover, ctx, finished)
+        self._threaded[task] = conn
+        try:
+            conn.start()
+            await asyncio.shield(done)
+        finally:
+            self._threaded.pop(task, None)
+
     def disconnect_export(self, name: str) -> None:
         """Cut every connection using export ``name`` (it was removed)."""
-        for session in list(self._conns.values()):
+        for task, session in list(self._conns.items()):
             if session.export is not None and session.export.name == name:
                 session.writer.transport.abort()
+                if task in self._threaded:
+                    self._threaded[task].stop()
 
     async def close(self) -> None:
         """Stop listening, end every connection once its requests in flight are done."""
         for server in self._servers:
             server.close()
-        for session in list(self._conns.values()):
-            # Closing the transport ends the reading loop; requests already read
-            # still complete on the device before the connection task returns.
+        for task, session in list(self._conns.items()):
+            # Closing ends the reading loops; requests already read still complete
+            # on the device (and get their reply) before the connection task returns.
             session.writer.transport.close()
+            if task in self._threaded:
+                self._threaded[task].stop()
         if self._conns:
             await asyncio.wait(list(self._conns), timeout=30)
         for server in self._servers:

@@ -17,7 +17,12 @@ class ServerThread:
     def __init__(self, exports: ExportTable, sock: Path) -> None:
         self.exports = exports
         self.sock = sock
-        self.loop = asyncio.new_event_loop()
+        import os as _os
+        if _os.environ.get("UV"):
+            import uvloop
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.server = NbdServer(exports)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 

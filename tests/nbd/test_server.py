@@ -187,8 +187,12 @@ def test_replies_out_of_order_and_stalled_clients(server: Server) -> None:
         assert p.SIMPLE_REPLY.unpack(recv_exact(s, 16)) == (p.NBD_SIMPLE_REPLY_MAGIC, 0, 2)
         # a client that asks for lots and never reads its replies
         hog = raw_handshake(st.sock, "disk")
-        for i in range(200):
-            hog.sendall(p.REQUEST.pack(p.NBD_REQUEST_MAGIC, 0, p.NBD_CMD_READ, i, 0, 1 << 20))
+        hog.sendall(
+            b"".join(
+                p.REQUEST.pack(p.NBD_REQUEST_MAGIC, 0, p.NBD_CMD_READ, i, 0, 1 << 20)
+                for i in range(200)
+            )
+        )
         # other clients are served meanwhile
         for _ in range(3):
             h = connect(st, "disk")
