@@ -1,9 +1,9 @@
-"""Files inside FAT and ext filesystems, for ``snapimg ls`` and ``snapimg cat``.
+"""Files inside FAT, ext and NTFS filesystems, for ``snapimg ls`` and ``snapimg cat``.
 
 :func:`open_tree` picks the volume (``TARGET:PART`` numbering as ``sfdisk -l``; without a
-number the only or first filesystem) and wraps dissect.fat / dissect.extfs in one small
-:class:`FileTree` interface.  Library failures on damaged filesystems become
-:class:`~snapimg.errors.FilesystemError`: one line, no traceback.
+number the only or first FAT/ext filesystem) and wraps dissect.fat / dissect.extfs /
+dissect.ntfs in one small :class:`FileTree` interface.  Library failures on damaged
+filesystems become :class:`~snapimg.errors.FilesystemError`: one line, no traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 from dissect.extfs import ExtFS
 from dissect.fat import FATFS
+from dissect.ntfs import NTFS
 
 from snapimg.errors import FilesystemError
 from snapimg.inspect.filesystems import probe_filesystem
@@ -156,6 +157,53 @@ class ExtTree:
         return stream
 
 
+_NTFS_RESERVED = 16  # MFT records 0-15: $MFT, $Bitmap, ... (hidden, as ntfs-3g does)
+
+
+class NtfsTree:
+    fs_type = "ntfs"
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fs = _guard("NTFS", lambda: NTFS(fh))
+
+    def _get(self, path: str) -> Any:
+        return _guard(path, lambda: self._fs.mft.get(_norm(path)))
+
+    @staticmethod
+    def _entry(rec: Any, name: str, mtime: datetime | None) -> FileEntry:
+        if rec.is_dir():
+            return FileEntry(name, "dir", 0, mtime)
+        size = int(rec.size()) if rec.has_stream("") else 0
+        return FileEntry(name, "symlink" if rec.is_symlink() else "file", size, mtime)
+
+    def stat(self, path: str) -> FileEntry:
+        rec = self._get(path)
+        name = _norm(path).rsplit("/", 1)[-1] or "/"
+        return _guard(path, lambda: self._entry(rec, name, None))
+
+    def listdir(self, path: str) -> list[FileEntry]:
+        rec = self._get(path)
+        if not rec.is_dir():
+            raise FilesystemError(f"{path}: not a directory")
+
+        def entries() -> Iterator[FileEntry]:
+            for e in rec.iterdir(ignore_dos=True):
+                child = e.dereference()
+                name = e.attribute.file_name
+                if child.segment < _NTFS_RESERVED or name == ".":
+                    continue
+                yield self._entry(child, name, e.attribute.last_modification_time)
+
+        return _guard(path, lambda: list(entries()))
+
+    def open(self, path: str) -> BinaryIO:
+        rec = self._get(path)
+        if rec.is_dir():
+            raise FilesystemError(f"{path}: is a directory")
+        stream: BinaryIO = _guard(path, rec.open)
+        return stream
+
+
 def select_volume(src: Source, part: int | None) -> tuple[int, int, str]:
     """(offset, size, description) of partition ``part``, or of the only/first filesystem."""
     table, _ = read_partition_table(src)
@@ -188,4 +236,6 @@ def open_tree(src: Source, part: int | None) -> FileTree:
         return FatTree(fh)
     if fs.type in ("ext2", "ext3", "ext4"):
         return ExtTree(fh)
-    raise FilesystemError(f"{src.name}: {where} holds {fs.type}; ls and cat read FAT and ext only")
+    if fs.type == "ntfs":
+        return NtfsTree(fh)
+    raise FilesystemError(f"{src.name}: {where} holds {fs.type}; ls and cat cannot read it")

@@ -58,11 +58,16 @@ def make_ext4(path: Path, size: int, files: dict[str, bytes], label: str = "extv
     shutil.rmtree(root)
 
 
-def make_ntfs(path: Path, size: int, label: str = "ntfsvol") -> None:
+def make_ntfs(path: Path, size: int, files: dict[str, bytes], label: str = "ntfsvol") -> None:
     path.unlink(missing_ok=True)
     with open(path, "wb") as f:
         f.truncate(size)
     run("mkntfs", "-Q", "-q", "-F", "-L", label, path)
+    src = path.with_suffix(".src")
+    for name, data in files.items():  # ntfscp writes into the image without mounting it
+        src.write_bytes(data)
+        run("ntfscp", "-q", path, src, name)
+    src.unlink()
 
 
 def blkid(image: Path, offset: int) -> dict[str, str]:
@@ -86,6 +91,7 @@ class GptDisk:
     path: Path
     fat_files: dict[str, bytes] = field(default_factory=dict)
     ext_files: dict[str, bytes] = field(default_factory=dict)
+    ntfs_files: dict[str, bytes] = field(default_factory=dict)
     part_images: dict[int, Path] = field(default_factory=dict)
 
 
@@ -104,6 +110,7 @@ def gpt_disk(tmp_path_factory: pytest.TempPathFactory) -> GptDisk:
         "dir/nested/big.bin": rnd.randbytes(1_300_000),
         "dir/empty": b"",
     }
+    disk.ntfs_files = {"notes.txt": b"hello from NTFS\r\n", "data.bin": rnd.randbytes(200_000)}
     with open(disk.path, "wb") as f:
         f.truncate(64 * MiB)
     run("sfdisk", "-q", disk.path, input=(
@@ -116,7 +123,7 @@ def gpt_disk(tmp_path_factory: pytest.TempPathFactory) -> GptDisk:
     starts = [p["start"] * 512 for p in table]
     make_fat16(d / "p1.img", 16 * MiB, disk.fat_files)
     make_ext4(d / "p2.img", 20 * MiB, disk.ext_files)
-    make_ntfs(d / "p3.img", 20 * MiB)
+    make_ntfs(d / "p3.img", 20 * MiB, disk.ntfs_files)
     for i, start in enumerate(starts, 1):
         disk.part_images[i] = d / f"p{i}.img"
         place(disk.path, d / f"p{i}.img", start)

@@ -33,6 +33,8 @@ def test_cat_returns_every_file_byte_for_byte(
         assert _cat(capfdbinary, f"{img}:1", "/" + name) == data
     for name, data in gpt_disk.ext_files.items():
         assert _cat(capfdbinary, f"{img}:2", name) == data
+    for name, data in gpt_disk.ntfs_files.items():
+        assert _cat(capfdbinary, f"{img}:3", name) == data
 
 
 def test_default_volume_is_the_first_filesystem(
@@ -64,6 +66,13 @@ def test_ls_lists_like_the_native_tools(
     debugfs = run("debugfs", "-R", "ls -l /dir/nested", gpt_disk.part_images[2])
     assert "1300000" in debugfs and "big.bin" in debugfs
 
+    assert main(["ls", "--json", f"{gpt_disk.path}:3"]) == 0
+    ntfs = json.loads(capsys.readouterr().out)["entries"]
+    assert [(e["name"], e["kind"], e["size"]) for e in ntfs] == [
+        ("data.bin", "file", 200_000), ("notes.txt", "file", 17)]  # no $MFT and friends
+    ntfsls = run("ntfsls", gpt_disk.part_images[3]).split()
+    assert sorted(ntfsls) == ["data.bin", "notes.txt"]
+
     assert main(["ls", f"{gpt_disk.path}:2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["TYPE", "SIZE", "MODIFIED", "NAME"]
@@ -79,7 +88,7 @@ def test_ls_lists_like_the_native_tools(
         (("ls", "{img}:2", "/hello.txt/x"), "/hello.txt/x: not a directory"),
         (("ls", "{img}:2", "/nothing/here"), "/nothing/here: no such file or directory"),
         (("ls", "{img}:9", "/"), "has no partition 9"),
-        (("ls", "{img}:3", "/"), "ntfs"),
+        (("cat", "{img}:3", "/missing.txt"), "/missing.txt: no such file or directory"),
     ],
 )
 def test_mistakes_are_one_line_errors(
