@@ -24,13 +24,13 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("ls", help="list a directory inside a FAT or ext filesystem")
+    p = sub.add_parser("ls", help="list a directory inside a FAT, ext or NTFS filesystem")
     p.add_argument("target", metavar="TARGET[:PART]", help="image or nbd:// URI, optional :PART")
     p.add_argument("path", metavar="PATH", nargs="?", default="/", help="directory (default /)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_ls)
 
-    p = sub.add_parser("cat", help="write a file inside a FAT or ext filesystem to stdout")
+    p = sub.add_parser("cat", help="write a file inside a FAT, ext or NTFS filesystem to stdout")
     p.add_argument("target", metavar="TARGET[:PART]", help="image or nbd:// URI, optional :PART")
     p.add_argument("path", metavar="PATH", help="file to print")
     p.set_defaults(func=_cat)
