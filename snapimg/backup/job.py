@@ -29,7 +29,7 @@ from snapimg.backup.copy import CopyResult, NbdSource, copy_ranges
 from snapimg.backup.fileio import fsync_dir, publish
 from snapimg.backup.manifest import BackupRecord
 from snapimg.backup.progress import Progress
-from snapimg.control.client import ControlClient
+from snapimg.backup.sources import SnapshotSource
 from snapimg.errors import BackupError, SnapimgError, UsageError
 
 PENDING_NAME = ".pending.json"
@@ -42,6 +42,7 @@ class BackupResult:
     changed_blocks: int
     duration: float
     dropped: bool
+    notice: str | None = None
     copy_duration: float = 0.0  # reading, writing and read-back verification
     hash_duration: float = 0.0  # incremental: sha256 of the full image, after the copy
 
@@ -58,7 +59,7 @@ class BackupResult:
             "duration": round(self.duration, 3), "mib_per_s": round(mib_s, 1),
             "copy_duration": round(self.copy_duration, 3),
             "hash_duration": round(self.hash_duration, 3),
-            "sha256": rec.sha256,
+            "sha256": rec.sha256, "notice": self.notice,
         }
 
 
@@ -82,18 +83,22 @@ def _blocks(ranges: list[tuple[int, int]], block_size: int) -> int:
     return sum((off + n + bs - 1) // bs - off // bs for off, n in ranges)
 
 
-def run_backup(control: Path, origin: str, directory: Path, *, since: str | None,
+def run_backup(source: SnapshotSource, origin: str, directory: Path, *, since: str | None,
                keep: str | None, progress: bool | None = None) -> BackupResult:
-    """Back up ``origin`` served at ``control`` into ``directory`` (see module doc)."""
+    """Back up ``origin`` of ``source`` into ``directory`` (see module doc)."""
     if not directory.exists():
         if not directory.parent.is_dir():
             raise UsageError(f"--to {directory}: no such parent directory")
         directory.mkdir()
     elif not directory.is_dir():
         raise UsageError(f"--to {directory} is not a directory")
-    client = ControlClient(control)
+    notice = None
+    if since is not None and not source.supports_incremental:
+        notice = (f"this source cannot list the blocks changed since {origin}@{since}: "
+                  f"taking a full backup instead of an incremental")
+        since = None
     with manifest.locked(directory):
-        _recover(client, directory)
+        _recover(source, directory)
         man = manifest.load(directory)
         parent: BackupRecord | None = None
         parent_chain: list[BackupRecord] = []
@@ -109,18 +114,15 @@ def run_backup(control: Path, origin: str, directory: Path, *, since: str | None
                                    "pid": os.getpid()})
         t0 = time.monotonic()
         try:
-            info, uri = client.create_snapshot(origin, snap, max_size=None, writable=False,
-                                               on_full="invalidate")
+            uri, block_size = source.create(origin, snap)
         except BaseException:
             _clear_pending(directory)
             raise
         dropped = False
         try:
-            if uri is None:
-                raise BackupError(f"the server did not give an NBD URI for {origin}@{snap}")
-            record, result, changed, phases = _copy(client, directory, backup_id, origin, snap, uri,
-                                            info.block_size, since, parent, parent_chain,
-                                            keep is not None, progress)
+            record, result, changed, phases = _copy(
+                source, directory, backup_id, origin, snap, uri, block_size, since, parent,
+                parent_chain, keep is not None, progress)
             man.backups.append(record)
             manifest.save(directory, man)
         except SnapimgError as err:
@@ -130,12 +132,13 @@ def run_backup(control: Path, origin: str, directory: Path, *, since: str | None
             raise
         finally:
             if keep is None:
-                dropped = _drop(client, origin, snap)
+                dropped = source.drop(origin, snap)
             _clear_pending(directory)
-        return BackupResult(record, result, changed, time.monotonic() - t0, dropped, *phases)
+        return BackupResult(record, result, changed, time.monotonic() - t0, dropped, notice,
+                            *phases)
 
 
-def _copy(client: ControlClient, directory: Path, backup_id: str, origin: str, snap: str,
+def _copy(source: SnapshotSource, directory: Path, backup_id: str, origin: str, snap: str,
           uri: str, block_size: int, since: str | None, parent: BackupRecord | None,
           parent_chain: list[BackupRecord], kept: bool,
           progress: bool | None
@@ -150,7 +153,7 @@ def _copy(client: ControlClient, directory: Path, backup_id: str, origin: str, s
             raise BackupError(f"{origin} is {size} bytes now, backup {parent.id} has "
                               f"{parent.size}: take a full backup")
         if since is not None:
-            ranges = merge_ranges(client.changed_ranges(origin, since), size)
+            ranges = merge_ranges(source.changed_ranges(origin, since), size)
         else:
             ranges = [(0, size)] if size else []
         bar = Progress(f"backup {backup_id}", 0, enabled=progress)
@@ -191,14 +194,6 @@ def _copy(client: ControlClient, directory: Path, backup_id: str, origin: str, s
     return record, result, changed, (t1 - t0, t2 - t1)
 
 
-def _drop(client: ControlClient, origin: str, snap: str) -> bool:
-    try:
-        client.drop_snapshot(origin, snap)
-    except SnapimgError:
-        return False
-    return True
-
-
 def _write_pending(directory: Path, obj: dict[str, Any]) -> None:
     path = directory / PENDING_NAME
     path.write_text(json.dumps(obj) + "\n")
@@ -210,7 +205,7 @@ def _clear_pending(directory: Path) -> None:
         (directory / PENDING_NAME).unlink()
 
 
-def _recover(client: ControlClient, directory: Path) -> None:
+def _recover(source: SnapshotSource, directory: Path) -> None:
     """Clean up after a backup that was killed: its temporary files and snapshot."""
     for tmp in directory.glob(".*.tmp"):
         with contextlib.suppress(FileNotFoundError):
@@ -224,7 +219,5 @@ def _recover(client: ControlClient, directory: Path) -> None:
         pending = {}
     origin, snap = pending.get("origin"), pending.get("snapshot")
     if isinstance(origin, str) and isinstance(snap, str) and not pending.get("keep"):
-        names = {s.name for s in client.list_snapshots()}
-        if f"{origin}@{snap}" in names:
-            _drop(client, origin, snap)
+        source.drop(origin, snap)  # fails harmlessly if it is gone already
     _clear_pending(directory)

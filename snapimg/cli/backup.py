@@ -15,6 +15,8 @@ from typing import Any
 
 from snapimg.backup.job import run_backup
 from snapimg.backup.restore import restore
+from snapimg.backup.sources import ControlSource, QmpSource, SnapshotSource
+from snapimg.cli.attach import default_store_dir
 from snapimg.errors import UsageError
 from snapimg.units import format_size
 
@@ -22,7 +24,11 @@ from snapimg.units import format_size
 def register(sub: Any) -> None:
     b: argparse.ArgumentParser = sub.add_parser(
         "backup", help="snapshot an origin, copy it into a backup directory, verify, drop")
-    b.add_argument("--control", type=Path, required=True, help="control socket of snapimg serve")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--control", type=Path, help="control socket of snapimg serve")
+    src.add_argument("--qmp", type=Path, metavar="SOCKET",
+                     help="QMP socket of a running QEMU (with --device; full backups only)")
+    b.add_argument("--device", metavar="QDEV-ID", help="with --qmp: the disk's device id")
     b.add_argument("name", metavar="NAME", help="origin (export) to back up")
     b.add_argument("--to", type=Path, required=True, metavar="DIR", help="backup directory")
     b.add_argument("--since", metavar="SNAP",
@@ -62,9 +68,20 @@ def _backup(args: argparse.Namespace) -> int:
     keep = _snap_of(origin, args.keep, "--keep") if args.keep else None
     if keep is not None and keep == since:
         raise UsageError(f"--keep {args.keep} names the --since snapshot")
+    source: SnapshotSource
+    if args.qmp is not None:
+        if not args.device:
+            raise UsageError("--qmp needs --device QDEV-ID")
+        source = QmpSource(args.qmp, args.device, default_store_dir().absolute())
+    else:
+        if args.device:
+            raise UsageError("--device goes with --qmp")
+        source = ControlSource(args.control)
     signal.signal(signal.SIGTERM, _terminate)  # unwind: drop the snapshot, remove temp files
-    result = run_backup(args.control, origin, args.to, since=since, keep=keep,
+    result = run_backup(source, origin, args.to, since=since, keep=keep,
                         progress=False if args.json else None)
+    if result.notice:
+        print(f"snapimg backup: notice: {result.notice}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
