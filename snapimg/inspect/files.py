@@ -1,7 +1,7 @@
 """Files inside FAT, ext and NTFS filesystems, for ``snapimg ls`` and ``snapimg cat``.
 
 :func:`open_tree` picks the volume (``TARGET:PART`` numbering as ``sfdisk -l``; without a
-number the only or first FAT/ext filesystem) and wraps dissect.fat / dissect.extfs /
+number the only or first filesystem) and wraps dissect.fat / dissect.extfs /
 dissect.ntfs in one small :class:`FileTree` interface.  Library failures on damaged
 filesystems become :class:`~snapimg.errors.FilesystemError`: one line, no traceback.
 """
@@ -220,9 +220,9 @@ def select_volume(src: Source, part: int | None) -> tuple[int, int, str]:
     for p in table.partitions:
         if not p.container:
             fs, _ = probe_filesystem(src, p.start, p.size, f"partition {p.index}")
-            if fs is not None and fs.type in ("vfat", "ext2", "ext3", "ext4"):
+            if fs is not None and fs.type in ("vfat", "ext2", "ext3", "ext4", "ntfs"):
                 return p.start, p.size, f"partition {p.index}"
-    raise FilesystemError(f"{src.name}: no FAT or ext filesystem found in any partition")
+    raise FilesystemError(f"{src.name}: no FAT, ext or NTFS filesystem in any partition")
 
 
 def open_tree(src: Source, part: int | None) -> FileTree:
