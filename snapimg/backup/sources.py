@@ -1,5 +1,6 @@
 """Where a backup's snapshot comes from: a ``snapimg serve`` control socket, or a running
-QEMU's QMP socket (``snapimg attach``: QEMU does the copy-before-write itself).
+QEMU's QMP socket (``snapimg attach``: QEMU does the copy-before-write itself), or a
+libvirt domain's disk (libvirt's pull-mode backup API).
 
 A source creates a snapshot and returns its NBD URI, drops it, and, when it can, lists the
 ranges written since an older snapshot (what an incremental copies).
@@ -8,10 +9,14 @@ ranges written since an older snapshot (what an incremental copies).
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+from xml.etree import ElementTree
+from xml.sax.saxutils import quoteattr
 
-from snapimg.errors import BackupError, SnapimgError
+from snapimg.errors import BackupError, SnapimgError, UsageError
 
 
 class SnapshotSource(Protocol):
@@ -90,3 +95,75 @@ class QmpSource:
 
     def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:
         raise BackupError("a QEMU attached through QMP cannot tell which blocks changed")
+
+
+class LibvirtSource:
+    """A disk of a libvirt domain, through libvirt's pull-mode backup API.
+
+    ``backupBegin`` with ``<domainbackup mode='pull'>`` makes QEMU export the disk's
+    point-in-time view on a unix socket as NBD export TARGET; ``abortJob`` ends it and
+    libvirt deletes the scratch file.  The snapshot is a job of the domain, so it cannot
+    be kept, and without checkpoints (raw images have no bitmaps) no incrementals.
+    """
+
+    supports_incremental = False
+
+    def __init__(self, domain: str, disk: str, uri: str = "qemu:///system") -> None:
+        try:
+            import libvirt
+        except ImportError:
+            raise BackupError("--libvirt needs the libvirt Python binding "
+                              "(pip install libvirt-python)") from None
+        self._libvirt: Any = libvirt
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        try:
+            self.conn = libvirt.open(uri)
+            self.dom = self.conn.lookupByName(domain)
+        except libvirt.libvirtError as err:
+            raise BackupError(f"libvirt: {err.get_error_message()}") from None
+        targets = self._disk_targets()
+        if disk not in targets:
+            raise UsageError(f"domain {domain} has no disk {disk!r} "
+                             f"(it has: {', '.join(targets) or 'none'})")
+        self.domain = domain
+        self.disk = disk
+        self.workdir: Path | None = None
+
+    def _disk_targets(self) -> list[str]:
+        root = ElementTree.fromstring(self.dom.XMLDesc(0))
+        return [str(t.get("dev")) for d in root.iter("disk") if d.get("device", "disk") == "disk"
+                for t in d.iter("target")]
+
+    def create(self, origin: str, snap: str) -> tuple[str, int]:
+        self.workdir = Path(tempfile.mkdtemp(prefix="snapimg-lv-"))
+        socket = self.workdir / "nbd.sock"
+        disks = "".join(
+            f"<disk name={quoteattr(t)} backup='yes' type='file'>"
+            f"<scratch file={quoteattr(str(self.workdir / 'scratch.qcow2'))}/></disk>"
+            if t == self.disk else f"<disk name={quoteattr(t)} backup='no'/>"
+            for t in self._disk_targets())
+        xml = (f"<domainbackup mode='pull'><server transport='unix' "
+               f"socket={quoteattr(str(socket))}/><disks>{disks}</disks></domainbackup>")
+        try:
+            self.dom.backupBegin(xml, None, 0)
+        except self._libvirt.libvirtError as err:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise BackupError(f"libvirt backupBegin: {err.get_error_message()}") from None
+        return f"nbd+unix:///{self.disk}?socket={socket}", 64 * 1024
+
+    def drop(self, origin: str, snap: str) -> bool:
+        """End the pull backup, but only if it is the one this source began."""
+        if self.workdir is None:
+            return False
+        try:
+            if str(self.workdir) not in self.dom.backupGetXMLDesc(0):
+                return False
+            self.dom.abortJob()
+        except self._libvirt.libvirtError:
+            return False
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return True
+
+    def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:
+        raise BackupError("libvirt pull backups of raw disks have no changed-block list")

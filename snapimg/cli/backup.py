@@ -15,7 +15,7 @@ from typing import Any
 
 from snapimg.backup.job import run_backup
 from snapimg.backup.restore import restore
-from snapimg.backup.sources import ControlSource, QmpSource, SnapshotSource
+from snapimg.backup.sources import ControlSource, LibvirtSource, QmpSource, SnapshotSource
 from snapimg.cli.attach import default_store_dir
 from snapimg.errors import UsageError
 from snapimg.units import format_size
@@ -29,6 +29,9 @@ def register(sub: Any) -> None:
     src.add_argument("--qmp", type=Path, metavar="SOCKET",
                      help="QMP socket of a running QEMU (with --device; full backups only)")
     b.add_argument("--device", metavar="QDEV-ID", help="with --qmp: the disk's device id")
+    src.add_argument("--libvirt", metavar="DOMAIN",
+                     help="a libvirt domain (with --disk; libvirt's pull backup, full only)")
+    b.add_argument("--disk", metavar="TARGET", help="with --libvirt: the disk's target (vda)")
     b.add_argument("name", metavar="NAME", help="origin (export) to back up")
     b.add_argument("--to", type=Path, required=True, metavar="DIR", help="backup directory")
     b.add_argument("--since", metavar="SNAP",
@@ -68,14 +71,23 @@ def _backup(args: argparse.Namespace) -> int:
     keep = _snap_of(origin, args.keep, "--keep") if args.keep else None
     if keep is not None and keep == since:
         raise UsageError(f"--keep {args.keep} names the --since snapshot")
+    if args.device and args.qmp is None:
+        raise UsageError("--device goes with --qmp")
+    if args.disk and args.libvirt is None:
+        raise UsageError("--disk goes with --libvirt")
     source: SnapshotSource
-    if args.qmp is not None:
+    if args.libvirt is not None:
+        if not args.disk:
+            raise UsageError("--libvirt needs --disk TARGET")
+        if keep is not None:
+            raise UsageError("--keep: a libvirt pull backup is a job that ends with the "
+                             "backup, nothing can be kept")
+        source = LibvirtSource(args.libvirt, args.disk)
+    elif args.qmp is not None:
         if not args.device:
             raise UsageError("--qmp needs --device QDEV-ID")
         source = QmpSource(args.qmp, args.device, default_store_dir().absolute())
     else:
-        if args.device:
-            raise UsageError("--device goes with --qmp")
         source = ControlSource(args.control)
     signal.signal(signal.SIGTERM, _terminate)  # unwind: drop the snapshot, remove temp files
     result = run_backup(source, origin, args.to, since=since, keep=keep,
