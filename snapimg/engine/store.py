@@ -10,6 +10,7 @@ each such operation and may raise OSError to simulate a failing file system.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapimg.engine import records
-from snapimg.engine.origin import write_zeroes_fd
+from snapimg.engine.origin import FALLOC_FL_KEEP_SIZE, fallocate, write_zeroes_fd
 from snapimg.engine.slots import SlotAllocator, merge_slots
 from snapimg.errors import StoreError, StoreFormatError
 
@@ -31,6 +32,7 @@ VERSION = 1
 HEADER_SIZE = 4096
 _HEADER = struct.Struct("<8sII16sIBB40sQ")
 META, DATA, LOCK = "store.meta", "store.data", "store.lock"
+LOG_RESERVE = 1 << 20
 
 Fault = Callable[[str], None]
 
@@ -109,15 +111,21 @@ def read_store(path: Path, same_boot: bool) -> Loaded | None:
             break
         rec, pos = got
         tail.append(rec)
-    rest = buf[pos:]
-    # A killed process leaves at most one torn record at the end of the log.  More
-    # non-zero bytes than that after the first bad record means corruption, unless the
-    # host went down (then unsynced log pages may be missing in any order).
-    if same_boot and len(rest) > records.MAX_RECORD and rest.strip(b"\0"):
+    # A killed process leaves at most one torn append at the end of the log, so an
+    # intact record after the first bad one means corruption, unless the host went down
+    # (then unsynced log pages may be missing in any order).
+    if same_boot and _intact_record_after(view, pos + 1):
         raise StoreFormatError(f"store {meta} is corrupted (bad log record at byte {pos})")
     bs = header.block_size
     data_slots = (os.stat(data).st_size + bs - 1) // bs
     return Loaded(header, checkpoint, tail, data_slots)
+
+
+def _intact_record_after(view: memoryview, start: int, scan: int = 1 << 20) -> bool:
+    for pos in range(start, min(len(view), start + scan)):
+        if view[pos] and records.decode_at(view, pos) is not None:
+            return True
+    return False
 
 
 class Store:
@@ -240,6 +248,7 @@ class FileStore(Store):
         self.meta_fd = -1
         self.data_fd = -1
         self.log_end = 0
+        self._reserved = 0  # the log file has space allocated up to here
         self._synced = 0
         self._syncing = False
         self._sync_cond = threading.Condition()
@@ -291,21 +300,45 @@ class FileStore(Store):
             os.close(self.meta_fd)
         self.meta_fd = fd
         self.log_end = len(blob)
+        self._reserved = 0
+        self._reserve_log()
 
     def _write(self, pos: int, data: bytes | bytearray | memoryview) -> None:
-        n = os.pwrite(self.data_fd, data, pos)
-        if n != len(data):
-            raise OSError(errno.ENOSPC, "short write to the store")
+        view = memoryview(data)
+        while view:  # a short write is retried: the rest fails with the real errno
+            n = os.pwrite(self.data_fd, view, pos)
+            if not n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view, pos = view[n:], pos + n
 
     def read_slots(self, slot: int, nbytes: int, within: int = 0) -> bytes:
         data = os.pread(self.data_fd, nbytes, slot * self.block_size + within)
         return data if len(data) == nbytes else data.ljust(nbytes, b"\0")
 
     def _append(self, blob: bytes) -> None:
-        n = os.pwrite(self.meta_fd, blob, self.log_end)
-        if n != len(blob):
-            raise OSError(errno.ENOSPC, "short write to the store log")
+        try:
+            n = os.pwrite(self.meta_fd, blob, self.log_end)
+            if n != len(blob):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            # leave no partial records behind the log end (overwriting allocated bytes
+            # needs no space); the next append goes to the same place
+            with contextlib.suppress(OSError):
+                os.pwrite(self.meta_fd, bytes(len(blob)), self.log_end)
+            raise
         self.log_end += n
+        if self.log_end + LOG_RESERVE // 2 > self._reserved:
+            self._reserve_log()
+
+    def _reserve_log(self) -> None:
+        """Keep space allocated beyond the log end, so that recording an invalidation
+        still works when the file system is full."""
+        want = self.log_end + LOG_RESERVE
+        try:
+            fallocate(self.meta_fd, FALLOC_FL_KEEP_SIZE, self.log_end, LOG_RESERVE)
+            self._reserved = want
+        except OSError:
+            pass
 
     def _release(self, start: int, count: int) -> None:
         bs = self.block_size
