@@ -110,7 +110,7 @@ def test_random_damage_never_crashes(disk: Path, capsys: pytest.CaptureFixture[s
     regions = [(0, 34 * 512)] + [(p["start"], 8192) for p in good["partitions"]]
     rnd = random.Random(11)
     with open(disk, "r+b") as f:
-        for _ in range(80):
+        for _ in range(40):
             start, length = rnd.choice(regions)
             pokes = [(start + rnd.randrange(length), rnd.randbytes(rnd.randint(1, 8)))
                      for _ in range(rnd.randint(1, 6))]
