@@ -164,6 +164,12 @@ class NbdServer:
             if task in self._threaded:
                 self._threaded[task].stop()
         if self._conns:
+            await asyncio.wait(list(self._conns), timeout=5)
+        for conn in list(self._threaded.values()):
+            conn.stop(hard=True)  # replies nobody reads: unblock their senders
+        for session in list(self._conns.values()):
+            session.writer.transport.abort()
+        if self._conns:
             await asyncio.wait(list(self._conns), timeout=30)
         for server in self._servers:
             await server.wait_closed()
