@@ -140,28 +140,14 @@ def test_killed_backup_leaves_directory_valid(tmp_path: Path,
                                               serve: Callable[..., Serve]) -> None:
     disk = tmp_path / "disk.img"
     with disk.open("wb") as f:
-        f.truncate(256 * MiB)
-    qemu_io(str(disk), "write -P 0x61 0 192M")
+        f.truncate(160 * MiB)
+    qemu_io(str(disk), "write -P 0x61 0 128M")
     srv = serve([f"disk={disk}"])
     bk = tmp_path / "backups"
     snapimg("backup", "--control", srv.control, "disk", "--to", bk)
     before = (bk / "manifest.json").read_bytes()
 
-    proc = subprocess.Popen([*SNAPIMG, "backup", "--control", str(srv.control), "disk",
-                             "--to", str(bk)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        tmp_file = bk / ".b0002.raw.tmp"
-        deadline = time.monotonic() + 60
-        while not (tmp_file.exists() and tmp_file.stat().st_blocks > 0):
-            assert proc.poll() is None, "backup finished before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    proc = _backup_killed_midway(srv, bk, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert (bk / "manifest.json").read_bytes() == before
     assert not (bk / "b0002.raw").exists()
@@ -176,3 +162,34 @@ def test_killed_backup_leaves_directory_valid(tmp_path: Path,
     assert not list(bk.glob(".*.tmp"))
     assert snapimg_json("snapshot", "list", "--control", srv.control) == []
     assert res["sha256"] == sha256_file(disk)
+
+    # SIGTERM: the backup itself removes its temporary file and drops its snapshot
+    before = (bk / "manifest.json").read_bytes()
+    proc = _backup_killed_midway(srv, bk, signal.SIGTERM)
+    assert proc.returncode == 130
+    assert (bk / "manifest.json").read_bytes() == before
+    assert not list(bk.glob(".*.tmp")) and not (bk / ".pending.json").exists()
+    assert snapimg_json("snapshot", "list", "--control", srv.control) == []
+
+
+def _backup_killed_midway(srv: Serve, bk: Path, sig: signal.Signals) -> subprocess.Popen[bytes]:
+    """Start a backup, send ``sig`` once its temporary file holds data, wait for it."""
+    man = json.loads((bk / "manifest.json").read_text())
+    next_id = f"b{len(man['backups']) + 1:04d}"
+    proc = subprocess.Popen([*SNAPIMG, "backup", "--control", str(srv.control), "disk",
+                             "--to", str(bk)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        tmp_file = bk / f".{next_id}.raw.tmp"
+        deadline = time.monotonic() + 60
+        while not (tmp_file.exists() and tmp_file.stat().st_blocks > 0):
+            assert proc.poll() is None, "backup finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        os.killpg(proc.pid, sig)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return proc
