@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import os
 import re
+import socket as socket_
+import stat
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -290,6 +292,23 @@ def _qcow2_limit(initial: int, size: int, max_size: int, cluster: int) -> int:
     return total + extra_refblocks * cluster
 
 
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket left by a server that was killed; refuse one that still answers."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise UsageError(f"{path} exists and is not a socket")
+    with socket_.socket(socket_.AF_UNIX, socket_.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()
+            return
+        except OSError:
+            pass
+    raise UsageError(f"socket {path} is in use (is another server running?)")
+
+
 async def start(config: ServeConfig) -> QsdBackend:
     """Start qemu-storage-daemon serving ``config.origins`` on the NBD unix socket.
 
@@ -302,8 +321,7 @@ async def start(config: ServeConfig) -> QsdBackend:
         if not path.exists():
             raise UsageError(f"origin {name}: {path} does not exist")
     config.store_dir.mkdir(parents=True, exist_ok=True)
-    if config.socket.exists():
-        raise UsageError(f"socket {config.socket} already exists (is another server running?)")
+    _remove_stale_socket(config.socket)
     daemon = await Daemon.start()
     backend = QsdBackend(daemon, config.socket, config.store_dir, config.block_size)
     try:

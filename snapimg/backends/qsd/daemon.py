@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from snapimg.backends.qsd.qmp import Qmp
 from snapimg.errors import QemuError
 
 QSD_BINARY = "qemu-storage-daemon"
+PR_SET_PDEATHSIG = 1
 
 
 class Daemon:
@@ -51,6 +53,7 @@ class Daemon:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()
@@ -104,6 +107,12 @@ class Daemon:
         await self.qmp.close()
         await self._watch
         shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL if snapimg dies, so no orphan keeps the image and socket."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
