@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -252,6 +253,56 @@ def test_qemu_errors_are_one_line_with_class_description_and_command(short_tmp: 
                 await b.create_snapshot("disk", "s", max_size=None, writable=True,
                                         on_full="invalidate")
         finally:
+            await b.close()
+
+    run_async(main)
+
+
+def test_snapshot_point_in_time_under_a_running_writer(short_tmp: Path) -> None:
+    """A writer fills blocks 0, 1, 2, ... in order: the snapshot holds exactly a prefix of
+    them, including every write acknowledged before create started and none issued after
+    it returned."""
+    import threading
+
+    import nbd
+
+    block, count = 65536, 256
+
+    async def main() -> None:
+        b = await serve(short_tmp, size=count * block, patterns=[(0x01, 0, count * block)])
+        acked: list[float] = []
+        issued: list[float] = []
+        h = nbd.NBD()
+        h.connect_uri(b.uri("disk"))
+
+        def writer() -> None:
+            for i in range(count):
+                issued.append(time.monotonic())
+                h.pwrite(bytes([0xEE]) * block, i * block)
+                acked.append(time.monotonic())
+
+        try:
+            t = threading.Thread(target=writer)
+            t.start()
+            while len(acked) < 20:
+                await asyncio.sleep(0.001)
+            before = time.monotonic()
+            await b.create_snapshot("disk", "s", max_size=None, writable=False,
+                                    on_full="block-writes")
+            after = time.monotonic()
+            await asyncio.to_thread(t.join)
+            data = pread(b.uri("disk@s"), 0, count * block)
+            written = [data[i * block] == 0xEE for i in range(count)]
+            prefix = written.index(False) if False in written else count
+            assert written == [True] * prefix + [False] * (count - prefix)
+            assert all(data[i * block:(i + 1) * block] == bytes([0xEE]) * block
+                       for i in range(prefix))
+            assert all(data[i * block:(i + 1) * block] == bytes([0x01]) * block
+                       for i in range(prefix, count))
+            assert prefix >= sum(1 for t_ack in acked if t_ack < before)
+            assert prefix <= sum(1 for t_iss in issued if t_iss < after)
+        finally:
+            h.shutdown()
             await b.close()
 
     run_async(main)

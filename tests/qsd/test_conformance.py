@@ -172,6 +172,8 @@ def test_fleecing_cases_and_several_snapshots(server: Server,
     check_exact(server, "disk@three", ref3, more)
     assert ref2.exists()
     info = server.list()["disk@one"]
+    assert {"name", "created", "state", "reason", "preserved_blocks", "preserved_bytes",
+            "max_size", "block_size", "writable", "on_full"} <= set(info)
     assert info["state"] == "valid" and info["preserved_bytes"] > 0
     assert info["preserved_blocks"] * info["block_size"] >= info["preserved_bytes"]
 
