@@ -2,7 +2,7 @@
 
     python -m vmtests build                      # build (or find cached) FreeDOS artefacts
     python -m vmtests list                       # scenarios and controllers
-    python -m vmtests run SCENARIO [-c CTL ...] [--json] [--keep-logs]
+    python -m vmtests run SCENARIO|all [-c CTL ...] [--backend native|qsd] [--json] [--keep-logs]
 
 ``run`` exits 0 when every scenario run passed, 1 otherwise; logs of failed runs are kept
 under the log directory (SNAPIMG_VM_LOG_DIR, default vmtests/logs).
@@ -56,7 +56,8 @@ def _run(args: argparse.Namespace) -> int:
             began = time.monotonic()
             with tempfile.TemporaryDirectory(prefix="vmtests-") as work:
                 try:
-                    result = run_scenario(name, controller, settings, Path(work), log_dir)
+                    result = run_scenario(name, controller, settings, Path(work), log_dir,
+                                          args.backend)
                     problems = result.problems
                     facts = result.facts
                 except SnapimgError as err:
@@ -66,11 +67,13 @@ def _run(args: argparse.Namespace) -> int:
             failed += not ok
             if ok and not args.keep_logs:
                 shutil.rmtree(log_dir, ignore_errors=True)
-            reports.append({"scenario": name, "controller": controller, "passed": ok,
+            reports.append({"scenario": name, "controller": controller,
+                            "backend": args.backend, "passed": ok,
                             "seconds": seconds, "problems": problems, "facts": facts,
                             "logs": None if ok and not args.keep_logs else str(log_dir)})
             if not args.json:
-                print(f"{'PASS' if ok else 'FAIL'} {name} [{controller}] {seconds}s")
+                print(f"{'PASS' if ok else 'FAIL'} {name} [{controller}, {args.backend}] "
+                      f"{seconds}s")
                 for problem in problems:
                     print(f"  - {problem}")
                 if not ok:
@@ -90,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("scenario", choices=[*SCENARIOS, "all"])
     run.add_argument("-c", "--controller", action="append", choices=list(CONTROLLERS),
                      help="repeatable; default ide")
+    run.add_argument("--backend", choices=["native", "qsd"], default="native",
+                     help="snapimg serve --backend (default native)")
     run.add_argument("--json", action="store_true", help="print results as JSON")
     run.add_argument("--keep-logs", action="store_true", help="keep logs of passed runs too")
     run.set_defaults(func=_run)

@@ -14,13 +14,14 @@ from vmtests.server import SnapimgServer
 
 
 def run_scenario(name: str, controller: str, settings: Settings, workdir: Path, log_dir: Path,
+                 backend: str = "native",
                  server_factory: ServerFactory = SnapimgServer) -> Result:
     if name not in SCENARIOS:
         raise UsageError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
     ctl = controllers.get(controller)
 
     async def go() -> Result:
-        async with open_rig(settings, ctl, workdir, log_dir, server_factory) as rig:
+        async with open_rig(settings, ctl, workdir, log_dir, backend, server_factory) as rig:
             return await SCENARIOS[name](rig)
 
     return asyncio.run(go())

@@ -1,8 +1,8 @@
 """`snapimg serve` as the rig uses it: only through the snapimg command line and NBD.
 
-:class:`SnapimgServer` starts ``snapimg serve NAME=IMAGE --socket S --control C --store-dir D``
-in its own process group, waits for its ready line, creates and drops snapshots with
-``snapimg snapshot create|drop --control C`` and stops the server with SIGTERM.
+:class:`SnapimgServer` starts ``snapimg serve NAME=IMAGE --socket S --control C --store-dir D
+[--backend qsd]`` in its own process group, waits for its ready line, creates and drops
+snapshots with ``snapimg snapshot create|drop --control C`` and stops the server with SIGTERM.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class SnapimgServer:
     settings: Settings
     images: dict[str, Path]          # export name -> raw image
     log_dir: Path
+    backend: str = "native"          # snapimg serve --backend native|qsd
     process: asyncio.subprocess.Process | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -51,6 +52,8 @@ class SnapimgServer:
                *(f"{name}={path}" for name, path in self.images.items()),
                "--socket", str(self.socket), "--control", str(self.control),
                "--store-dir", str(self.store_dir)]
+        if self.backend != "native":
+            cmd += ["--backend", self.backend]
         with self.log_path.open("w") as log:
             log.write(" ".join(cmd) + "\n")
             self.process = await asyncio.create_subprocess_exec(

@@ -64,6 +64,7 @@ def _inputs_key(image: Path) -> str:
     for path in sorted(SOURCES.iterdir()):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    digest.update(Path(__file__).read_bytes())      # prefill_raw_region and formats
     digest.update(sha256_file(image).encode())
     return digest.hexdigest()[:16]
 
@@ -87,12 +88,27 @@ def build(settings: Settings) -> Artifacts:
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     with (settings.cache_dir / ".freedos.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # parallel test workers build once
-        if not (artifacts.boot_floppy.is_file() and artifacts.test_disk.is_file()):
-            result = subprocess.run(["bash", str(SOURCES / "build.sh"), str(image), str(out)],
+        if not out.is_dir():
+            staging = out.with_name(out.name + ".staging")
+            shutil.rmtree(staging, ignore_errors=True)
+            result = subprocess.run(["bash", str(SOURCES / "build.sh"), str(image), str(staging)],
                                     capture_output=True, text=True, timeout=120)
             if result.returncode != 0:
                 raise VmError(f"building FreeDOS images failed: {result.stderr.strip()}")
+            prefill_raw_region(staging / "testdisk.img")
+            staging.rename(out)
     return artifacts
+
+
+def prefill_raw_region(image: Path) -> None:
+    """Stamp the whole raw region with generation 0: the disk then holds data everywhere
+    (a backup copies all of it, not only what the guest wrote) and every raw sector of a
+    healthy disk is a whole stamp."""
+    start, count = read_marker(image)
+    with image.open("r+b") as f:
+        f.seek(start * SECTOR)
+        for first in range(start, start + count, 2048):
+            f.write(records(STAMP_MAGIC, first, min(2048, start + count - first), 0))
 
 
 def make_floppy(artifacts: Artifacts, dest: Path, job: Sequence[str]) -> Path:
@@ -164,7 +180,8 @@ class TornSector(VmError):
 
 
 def sector_generation(data: bytes, magic: bytes, index: int) -> int:
-    """The generation stamped in one sector (0 for a blank one); TornSector otherwise."""
+    """The generation stamped in one sector (0 for a blank one or the build's generation-0
+    stamp); TornSector otherwise."""
     if data == bytes(SECTOR):
         return 0
     first = data[:RECORD.size]

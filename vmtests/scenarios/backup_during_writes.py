@@ -23,7 +23,7 @@ FIRST_GEN, LAST_GEN = 1, 5
 RAW_SECTORS = 2048            # 1 MiB of stamped sectors per generation
 FILE_KIB = 128                # plus one 128 KiB file: 4.5 MiB written after the snapshot
 PAUSE_AT_GEN = 2              # pause once the writer starts this generation
-COPY_RATE = 1 << 20           # bytes/s: qemu-img convert -r (holes are not rate-limited)
+COPY_RATE = 2 << 20           # bytes/s for qemu-img convert -r: about 4 s for the test disk
 
 
 async def run(rig: Rig) -> Result:

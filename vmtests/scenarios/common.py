@@ -23,7 +23,7 @@ from vmtests.server import SnapimgServer
 
 EXPORT = "disk"
 BOOT_TIMEOUT = 60.0
-ServerFactory = Callable[[Settings, dict[str, Path], Path], SnapimgServer]
+ServerFactory = Callable[[Settings, dict[str, Path], Path, str], SnapimgServer]
 
 
 @dataclass
@@ -96,15 +96,17 @@ async def finish(machine: Machine, done: str, failure: str, timeout: float) -> N
 
 @asynccontextmanager
 async def open_rig(settings: Settings, controller: Controller, workdir: Path, log_dir: Path,
+                   backend: str = "native",
                    server_factory: ServerFactory = SnapimgServer) -> AsyncIterator[Rig]:
-    """Build the guest images, copy the blank test disk and serve it with snapimg."""
+    """Build the guest images, copy the blank test disk and serve it with snapimg
+    (``snapimg serve --backend BACKEND``)."""
     if reason := settings.accel_unusable():
         raise VmError(reason)
     artifacts = freedos.build(settings)
     workdir.mkdir(parents=True, exist_ok=True)
     origin = workdir / "origin.img"
     shutil.copyfile(artifacts.test_disk, origin)
-    server = server_factory(settings, {EXPORT: origin}, log_dir)
+    server = server_factory(settings, {EXPORT: origin}, log_dir, backend)
     await server.start()
     try:
         yield Rig(settings, controller, workdir, log_dir, artifacts, origin, server)
