@@ -138,12 +138,26 @@ class Machine:
             self.process = await asyncio.create_subprocess_exec(
                 *cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         try:
-            for port in self.serial_ports:  # QEMU creates (and waits on) them in this order
-                await self.console.attach(port, self._run_dir / port, timeout)
-            await self._connect_qmp(timeout)
+            attach = asyncio.ensure_future(self._attach(timeout))
+            died = asyncio.ensure_future(self.process.wait())
+            await asyncio.wait({attach, died}, return_when=asyncio.FIRST_COMPLETED)
+            if not attach.done():
+                attach.cancel()
+                with contextlib.suppress(BaseException):
+                    await attach
+                lines = log.read_text(errors="replace").splitlines()[1:]
+                raise VmError(f"{self.name}: QEMU exited with status {self.process.returncode} "
+                              f"at start: {lines[-1] if lines else 'no message'}")
+            died.cancel()
+            attach.result()
         except BaseException:
             await self.close()
             raise
+
+    async def _attach(self, timeout: float) -> None:
+        for port in self.serial_ports:  # QEMU creates (and waits on) them in this order
+            await self.console.attach(port, self._run_dir / port, timeout)
+        await self._connect_qmp(timeout)
 
     async def _connect_qmp(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()

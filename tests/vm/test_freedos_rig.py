@@ -74,3 +74,20 @@ def test_qmp_control_and_console_timeout(vm_settings: config.Settings, vm_log_di
     assert (paused, running) == ("paused", "running")
     assert "idle: timed out after 1s" in message
     assert machine.process is not None and machine.process.returncode is not None
+
+
+def test_qemu_failing_at_start_is_reported(vm_settings: config.Settings, vm_log_dir: Path,
+                                           tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(16 * 63 * 512))
+    machine = _machine(vm_settings, vm_log_dir, tmp_path, disk, ["ECHO HI> AUX"])
+    machine.extra_args = ["-device", "no-such-device"]
+
+    async def go() -> None:
+        try:
+            await machine.start(timeout=30)
+        finally:
+            await machine.close()
+
+    with pytest.raises(VmError, match="QEMU exited with status 1 at start: .*no-such-device"):
+        asyncio.run(go())
