@@ -33,6 +33,7 @@ HEADER_SIZE = 4096
 _HEADER = struct.Struct("<8sII16sIBB40sQ")
 META, DATA, LOCK = "store.meta", "store.data", "store.lock"
 LOG_RESERVE = 1 << 20
+DATA_RESERVE = 64 << 20
 
 Fault = Callable[[str], None]
 
@@ -249,6 +250,7 @@ class FileStore(Store):
         self.data_fd = -1
         self.log_end = 0
         self._reserved = 0  # the log file has space allocated up to here
+        self._data_reserved = 0  # slots below this have space allocated
         self._synced = 0
         self._syncing = False
         self._sync_cond = threading.Condition()
@@ -303,6 +305,23 @@ class FileStore(Store):
         self._reserved = 0
         self._reserve_log()
 
+    def alloc(self, n: int) -> list[tuple[int, int]]:
+        runs = self.slots.alloc(n)
+        if self.slots.end > self._data_reserved:
+            self._reserve_data()
+        return runs
+
+    def _reserve_data(self) -> None:
+        """Allocate data-area space ahead of use in large steps: writes into allocated
+        space skip the file system's block allocation, which stalls under load."""
+        start = self._data_reserved * self.block_size
+        want = max(self.slots.end * self.block_size - start, DATA_RESERVE)
+        try:
+            fallocate(self.data_fd, FALLOC_FL_KEEP_SIZE, start, want)
+        except OSError:
+            return  # no space: the copy itself then fails and the policy applies
+        self._data_reserved = (start + want) // self.block_size
+
     def _write(self, pos: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:  # a short write is retried: the rest fails with the real errno
@@ -345,6 +364,7 @@ class FileStore(Store):
         try:
             if self.slots.end <= start:
                 os.ftruncate(self.data_fd, self.slots.end * bs)
+                self._data_reserved = self.slots.end
             else:
                 write_zeroes_fd(self.data_fd, start * bs, count * bs, punch=True)
         except OSError:
