@@ -53,13 +53,20 @@ PROGRAMS = [
 ]
 LIB_DIRS = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"]
 LOADER = "lib64/ld-linux-x86-64.so.2"
-# Module roots per phase of /init, with parameters.  Dependencies are added from .modinfo.
+# Module groups with parameters; dependencies are added from .modinfo.  /init always loads
+# "net" first (SSH answers sooner), then the groups named by snapimg.load=G1,G2 on the kernel
+# command line, or every group.  Storage group names are the rig's controller names.
 MODULES = {
     "net": ["virtio_pci", "virtio_net", "e1000", "virtio_rng"],
-    # sd_mod before the controllers keeps sdX names stable between boots
-    "storage": ["sd_mod", "ata_piix", "ata_generic", "ahci",
-                "sym53c8xx settle=0", "megaraid_sas", "virtio_scsi", "virtio_blk"],
-    "fs": ["ext4", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1"],
+    # sd_mod before the controller keeps sdX names stable between boots
+    "ide": ["sd_mod", "ata_piix", "ata_generic"],
+    "ahci": ["sd_mod", "ahci"],
+    "lsi": ["sd_mod", "sym53c8xx settle=0"],
+    "megasas": ["sd_mod", "megaraid_sas"],
+    "virtio-scsi": ["sd_mod", "virtio_scsi"],
+    "virtio-blk": ["virtio_blk"],
+    "ext4": ["ext4"],
+    "vfat": ["vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1"],
 }
 CMDLINE = "console=ttyS0 panic=-1 loglevel=4"
 ETC = {
@@ -174,19 +181,22 @@ def program_entries(staging: Path) -> list[cpio.Entry]:
 
 
 def module_entries(staging: Path) -> tuple[list[cpio.Entry], dict[str, list[str]]]:
+    """Each group's load order (dependencies first) in etc/modules/GROUP, and the modules."""
     versions = sorted((staging / "lib/modules").iterdir())
     tree = ModuleTree(versions[-1])
     params = {line.split()[0]: line for roots in MODULES.values() for line in roots}
-    entries, lists, seen = [], {}, set()
-    for phase, roots in MODULES.items():
-        order = [name for name in tree.load_order([line.split()[0] for line in roots])
-                 if name not in seen]
-        seen.update(order)
-        lists[phase] = order
+    entries = [cpio.directory("etc/modules")]
+    lists, wanted = {}, set()
+    for group, roots in MODULES.items():
+        order = tree.load_order([line.split()[0] for line in roots])
+        lists[group] = order
+        wanted.update(order)
         text = "".join(params.get(name, name) + "\n" for name in order)
-        entries.append(cpio.regular(f"etc/modules.{phase}", text.encode()))
-        for name in order:
-            entries.append(cpio.regular(f"lib/modules/{name}.ko", tree.paths[name].read_bytes()))
+        entries.append(cpio.regular(f"etc/modules/{group}", text.encode()))
+    groups = " ".join(group for group in MODULES if group != "net")
+    entries.append(cpio.regular("etc/modules/groups", f"{groups}\n".encode()))
+    for name in sorted(wanted):
+        entries.append(cpio.regular(f"lib/modules/{name}.ko", tree.paths[name].read_bytes()))
     return entries, lists
 
 

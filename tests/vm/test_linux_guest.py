@@ -73,7 +73,7 @@ def test_writer_then_backup_vm(driver: str, controller: str, settings: config.Se
     else:
         daemon = request.getfixturevalue("libvirtd")
         factory = scenario.libvirt_factory(daemon, ctl, log_dir, f"snapimg-{os.getpid()}")
-    outcome = asyncio.run(scenario.writer_and_backup_vm(settings, factory, tmp_path, log_dir))
+    outcome = asyncio.run(scenario.writer_and_backup_vm(settings, factory, ctl, tmp_path, log_dir))
     _report(outcome)
     assert outcome.problems == []
     assert outcome.facts["guest_sha256"] == outcome.facts["host_sha256"]

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -73,7 +74,9 @@ class BootFiles:
     ssh_port: int
 
     @classmethod
-    def make(cls, image: LinuxImage, run_dir: Path, name: str) -> BootFiles:
+    def make(cls, image: LinuxImage, run_dir: Path, name: str,
+             module_groups: Sequence[str] = ()) -> BootFiles:
+        """``module_groups``: what /init loads besides networking (default: every group)."""
         host_key, client_key = HostKey.generate(), ClientKey.generate()
         overlay = cpio.gzipped([
             cpio.regular("etc/dropbear/dropbear_ed25519_host_key", host_key.dropbear_file(),
@@ -83,7 +86,10 @@ class BootFiles:
         ])
         initrd = run_dir / f"{name}-initrd.gz"
         initrd.write_bytes(image.initrd.read_bytes() + overlay)
-        return cls(image.kernel, initrd, image.cmdline, host_key, client_key, free_port())
+        cmdline = image.cmdline
+        if module_groups:
+            cmdline += " snapimg.load=" + ",".join(module_groups)
+        return cls(image.kernel, initrd, cmdline, host_key, client_key, free_port())
 
     def netdev(self) -> str:
         return f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"

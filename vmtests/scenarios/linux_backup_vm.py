@@ -83,10 +83,11 @@ def libvirt_factory(daemon: Libvirtd, controller: Controller, log_dir: Path,
 
 
 @contextlib.asynccontextmanager
-async def booted(factory: VmFactory, name: str, disk: Disk, settings: Settings, workdir: Path,
-                 log_dir: Path, outcome: Outcome) -> AsyncIterator[LinuxGuest]:
+async def booted(factory: VmFactory, controller: Controller, name: str, disk: Disk,
+                 settings: Settings, workdir: Path, log_dir: Path,
+                 outcome: Outcome) -> AsyncIterator[LinuxGuest]:
     image = await asyncio.to_thread(build_image, settings)
-    boot = BootFiles.make(image, workdir, name)
+    boot = BootFiles.make(image, workdir, name, module_groups=[controller.name, "ext4"])
     guest = LinuxGuest(factory(name, disk, boot), boot, log_dir)
     try:
         outcome.facts[f"{name}_boot_to_ssh_s"] = round(await guest.boot(), 2)
@@ -188,14 +189,16 @@ async def snapshot_create(settings: Settings, server: SnapimgServer, name: str) 
     return out.decode().strip().splitlines()[-1]
 
 
-async def writer_and_backup_vm(settings: Settings, factory: VmFactory, workdir: Path,
-                               log_dir: Path) -> Outcome:
+async def writer_and_backup_vm(settings: Settings, factory: VmFactory, controller: Controller,
+                               workdir: Path, log_dir: Path) -> Outcome:
     outcome = Outcome()
     origin = workdir / "origin.img"
     make_origin(origin)
     async with SnapimgServer(settings, {"origin": origin}, log_dir) as server:
-        async with booted(factory, "writer", NbdDisk(server.socket, "origin"), settings,
-                          workdir, log_dir, outcome) as writer:
+        origin_disk = NbdDisk(server.socket, "origin")
+        snapshot_disk = NbdDisk(server.socket, "origin@backup")
+        async with booted(factory, controller, "writer", origin_disk, settings, workdir,
+                          log_dir, outcome) as writer:
             await start_writer(writer)
             before = await wait_progress(writer, OPS_BEFORE_SNAPSHOT)
             uri = await snapshot_create(settings, server, "origin@backup")
@@ -203,8 +206,8 @@ async def writer_and_backup_vm(settings: Settings, factory: VmFactory, workdir: 
             await wait_progress(writer, after + OPS_AFTER_SNAPSHOT)
             host_sha = await host_read(uri, outcome)   # while the writer keeps writing
             await stop_writer(writer)
-        async with booted(factory, "backup", NbdDisk(server.socket, "origin@backup"), settings,
-                          workdir, log_dir, outcome) as backup:
+        async with booted(factory, controller, "backup", snapshot_disk, settings, workdir,
+                          log_dir, outcome) as backup:
             await check_in_backup_vm(backup, host_sha, before, after, outcome)
     return outcome
 
@@ -217,8 +220,8 @@ async def libvirt_pull_backup(settings: Settings, daemon: Libvirtd, controller: 
     factory = libvirt_factory(daemon, controller, log_dir, prefix)
     socket = workdir / "backup.sock"
     copy = workdir / "backup-copy.img"
-    async with booted(factory, "writer", FileDisk(origin), settings, workdir, log_dir,
-                      outcome) as writer:
+    async with booted(factory, controller, "writer", FileDisk(origin), settings, workdir,
+                      log_dir, outcome) as writer:
         assert isinstance(writer.vm, LibvirtVm)
         await start_writer(writer)
         before = await wait_progress(writer, OPS_BEFORE_SNAPSHOT)
@@ -235,7 +238,7 @@ async def libvirt_pull_backup(settings: Settings, daemon: Libvirtd, controller: 
         finally:
             await asyncio.to_thread(domain.abortJob)
         await stop_writer(writer)
-    async with booted(factory, "backup", FileDisk(copy), settings, workdir, log_dir,
-                      outcome) as backup:
+    async with booted(factory, controller, "backup", FileDisk(copy), settings, workdir,
+                      log_dir, outcome) as backup:
         await check_in_backup_vm(backup, host_sha, before, after, outcome)
     return outcome
