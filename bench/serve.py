@@ -168,7 +168,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="256", help="image size in MiB (default 256)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions, medians reported")
-    ap.add_argument("--runtime", type=int, default=8, help="seconds per fio run")
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     size = int(args.size) * MiB

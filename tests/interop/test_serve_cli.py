@@ -82,8 +82,12 @@ def test_lifecycle_restart_and_sockets(tmp_path: Path, serve: Callable[..., Serv
     assert json.loads(snapimg("snapshot", "list", "--control", s2.control, "--json").stdout) == []
     proc = run("qemu-io", "-f", "raw", "-r", "-c", "read 0 4k", s2.uri("disk@before"), check=False)
     assert proc.returncode != 0 or "fail" in (proc.stdout + proc.stderr).lower()
+    idle = nbd.NBD()  # a client still connected at shutdown does not hold it up
+    idle.connect_uri(s2.uri("disk"))
+    assert idle.pread(4, 1 * MiB) == b"\x22" * 4
     s2.proc.send_signal(signal.SIGINT)
     assert s2.proc.wait(60) == 0
+    del idle
 
 
 def test_cli_mistakes(tmp_path: Path, serve: Callable[..., Serve]) -> None:
