@@ -12,7 +12,8 @@ alone, as plain files.  Everything is in the page cache (warm runs; best of --re
                                        and cmp A B          (whole images)
 
 "ratio" = baseline seconds / snapimg seconds (>= 1: snapimg is faster).  Times are wall
-clock of the commands as a user runs them (including Python start-up).
+clock of the commands as a user runs them (including Python start-up); their CPU seconds
+(user+sys) are reported too, as the fairer number on a shared, loaded machine.
 Usage: bench/inspect.py [--size 4G] [--data 1G] [--reps 3] [--workdir DIR] [--json]
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -64,16 +66,26 @@ def make_images(work: Path, size: int, data: int) -> dict[str, Path]:
     return {"a": a, "b": b, "dataA": da, "dataB": db}
 
 
+CPU: dict[str, float] = {}  # best run's user+sys seconds, by command line
+
+
 def best(cmd: list[str], reps: int, ok: tuple[int, ...] = (0,)) -> tuple[float, str]:
-    times, out = [], ""
+    """Best wall time of ``reps`` runs (its CPU seconds go to CPU), and the output."""
+    runs, out = [], ""
     for _ in range(reps):
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        times.append(time.perf_counter() - t)
+        wall = time.perf_counter() - t
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+        runs.append((wall, cpu))
         if proc.returncode not in ok:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
         out = proc.stdout
-    return min(times), out
+    wall, cpu = min(runs)
+    CPU[" ".join(cmd)] = round(cpu, 3)
+    return wall, out
 
 
 def main() -> int:
@@ -100,7 +112,10 @@ def main() -> int:
         t_start, _ = best([*SNAPIMG, "--version"], args.reps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load = os.getloadavg()[0]
     result = {
+        "load_average_1min": round(load, 2),
+        "cpu_seconds": {k.replace(str(work) + "/", ""): v for k, v in CPU.items()},
         "image_size": size,
         "data_bytes": data,
         "reps": args.reps,
@@ -130,6 +145,7 @@ def main() -> int:
             assert isinstance(r, dict)
             print(f"{name:9} " + "  ".join(f"{k}={v}" for k, v in r.items()))
         print(f"python start-up {result['python_startup_s']} s (included in snapimg times)")
+        print(f"cpu seconds {result['cpu_seconds']}; load average {result['load_average_1min']}")
     return 0
 
 
