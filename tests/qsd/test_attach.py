@@ -175,6 +175,12 @@ def test_attach_and_detach_mistakes_are_one_line_errors(vm: Vm) -> None:
     assert "no snapshot disk@never is attached" in proc.stderr
     proc = snapimg("attach", "--qmp", str(vm.tmp / "missing.sock"), "--device", "ide0", "d@s")
     assert proc.returncode == 1 and "cannot connect to QMP socket" in proc.stderr
+    proc = snapimg("attach", "--qmp", str(vm.qmp), "--device", "ide0", "disk@s",
+                   "--store-dir", str(vm.tmp / "store"), "--socket", "/nonexistent/nbd.sock")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "QMP error GenericError: " in proc.stderr
+    assert proc.stderr.rstrip().endswith("(command nbd-server-start)")
+    assert vm.state() == before
     attach(vm, "ide0", "disk@s")
     proc = snapimg("attach", "--qmp", str(vm.qmp), "--device", "ide0", "disk@s",
                    "--store-dir", str(vm.tmp / "store"))
