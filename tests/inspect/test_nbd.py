@@ -109,7 +109,14 @@ def test_live_snapshot_keeps_its_filesystems_while_the_origin_changes(
     ).stdout.strip()
     assert snap_uri == s.uri("disk@s1")
 
-    # Wipe the start of partition 1 (its FAT boot sector and FATs) on the live origin.
+    subprocess.run(
+        [*SNAPIMG, "snapshot", "create", "--control", str(s.control), "disk@tiny",
+         "--max-size", "128K"],
+        capture_output=True, text=True, check=True,
+    )
+
+    # Wipe the start of partition 1 (its FAT boot sector and FATs) on the live origin:
+    # s1 preserves that 1 MiB; tiny cannot (128K) and is invalidated.
     fat_start = before["partitions"][0]["start"]
     h = nbd.NBD()
     h.connect_uri(s.uri("disk"))
@@ -148,8 +155,14 @@ def test_live_snapshot_keeps_its_filesystems_while_the_origin_changes(
     assert origin["name"] == "disk" and origin["size"] == before["virtual_size"]
     for mine, theirs in zip(origin["snapshots"], listed, strict=True):
         assert {k: mine[k] for k in theirs} == theirs
-    assert origin["snapshots"][0]["preserved_bytes"] == 1 << 20
-    assert origin["snapshots"][0]["fill_percent"] == 25.0
+    s1, tiny = origin["snapshots"]
+    assert s1["snapshot"] == "s1" and s1["state"] == "valid"
+    assert s1["preserved_bytes"] == 1 << 20 and s1["fill_percent"] == 25.0
+    assert tiny["snapshot"] == "tiny" and tiny["state"] == "invalid" and tiny["reason"]
+    capfdbinary.readouterr()
+    assert main(["inspect", str(s.store)]) == 0
+    table = capfdbinary.readouterr().out.decode()
+    assert "in use by pid" in table and tiny["reason"].split(" (at ")[0] in table
     s.stop()
     closed: dict[str, Any] = inspect_json(s.store, capfdbinary)
     assert closed["in_use_by_pid"] is None and closed["clean"] is True
