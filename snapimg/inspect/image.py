@@ -27,6 +27,15 @@ def inspect_source(src: Source) -> dict[str, Any]:
         fs, fs_findings = probe_filesystem(src, 0, src.size, "disk")
         findings += fs_findings
         whole_fs = fs.to_json() if fs else None
+        signed = src.size >= 512 and src.pread(510, 2) == b"\x55\xaa"
+        if fs is None and not fs_findings and signed:
+            findings.append(
+                Finding(
+                    "warning",
+                    "disk",
+                    "sector 0 has a boot signature but no valid partition table or filesystem",
+                )
+            )
     else:
         for p in table.partitions:
             entry = p.to_json()

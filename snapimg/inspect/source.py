@@ -68,7 +68,7 @@ class Source(ABC):
         pos = offset
         while pos < end:
             got = self._extents_at(pos, end - pos)
-            if not got:
+            if not got or got[0].length <= 0:
                 raise DeviceError(f"{self.name}: no allocation status at offset {pos}")
             for ext in got:
                 n = min(ext.length, end - pos)

@@ -131,3 +131,18 @@ def test_random_damage_never_crashes(disk: Path, capsys: pytest.CaptureFixture[s
             for off, data in reversed(saved):
                 f.seek(off)
                 f.write(data)
+
+
+def test_mbr_with_a_bad_boot_flag_is_a_finding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk = tmp_path / "mbr.img"
+    with open(disk, "wb") as f:
+        f.truncate(8 * MiB)
+    run("sfdisk", "-q", disk, input="label: dos\ntype=83\n")
+    _poke(disk, 446, b"\x12")  # boot flag must be 0x00 or 0x80
+    rep: dict[str, Any] = inspect_json(disk, capsys)
+    assert rep["partition_table"] is None and rep["filesystem"] is None
+    assert _messages(rep) == [
+        "warning: disk: sector 0 has a boot signature but no valid partition table or filesystem"
+    ]
