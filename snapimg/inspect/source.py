@@ -184,6 +184,18 @@ class NbdSource(Source):
             raise DeviceError(f"{self.name}: read at {pos} failed: {err.string}") from None
         return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # libnbd: bytearray
 
+    def pread_into(self, offset: int, buf: bytearray, length: int) -> None:
+        """One copy fewer than ``pread``: libnbd's bytearray goes straight into ``buf``."""
+        if length > MAX_REQUEST:
+            super().pread_into(offset, buf, length)
+            return
+        if offset < 0 or offset + length > self.size:
+            raise DeviceError(f"{self.name}: read {offset}+{length} beyond the end ({self.size})")
+        try:
+            buf[:length] = self._h.pread(length, offset)
+        except nbd.Error as err:
+            raise DeviceError(f"{self.name}: read at {offset} failed: {err.string}") from None
+
     def _extents_at(self, offset: int, length: int) -> list[Extent]:
         if not self._status:
             return [Extent(length, False, False)]
