@@ -306,3 +306,23 @@ def test_snapshot_point_in_time_under_a_running_writer(short_tmp: Path) -> None:
             await b.close()
 
     run_async(main)
+
+
+def test_a_fleecing_job_that_ends_behind_snapimgs_back_is_reported_invalid(
+        short_tmp: Path) -> None:
+    async def main() -> None:
+        b = await serve(short_tmp, size=4 * MiB, patterns=[(0x71, 0, 4 * MiB)])
+        try:
+            await b.create_snapshot("disk", "s", max_size=None, writable=False,
+                                    on_full="block-writes")
+            [job] = await b.qmp.execute("query-block-jobs")
+            await b.qmp.execute("block-job-cancel", {"device": job["device"], "force": True})
+            [info] = await b.list_snapshots()
+            assert not info.valid and info.reason == "the QEMU fleecing job ended on its own"
+            assert await b.qmp.node_names() == set(b.origins["disk"].node_names())
+            assert await b.qmp.export_ids() == {b.origins["disk"].export_id}
+            qemu_io(b.uri("disk"), "write -P 0x72 0 64k")     # the origin still works
+        finally:
+            await b.close()
+
+    run_async(main)

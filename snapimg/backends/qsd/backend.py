@@ -238,45 +238,45 @@ class QsdBackend:
         with contextlib.suppress(FileNotFoundError):
             nodes.target_path.unlink()
 
-    async def _refresh(self) -> None:
-        """Update preserved counts; invalidate snapshots over max_size (policy invalidate)."""
+    async def _refresh(self, *, counts: bool = True) -> None:
+        """Invalidate snapshots whose job ended or whose target outgrew max_size (policy
+        invalidate); with ``counts``, also update preserved counts (an NBD query each)."""
         if self.daemon.dead:
             return
         changed = False
+        jobs = await graph.job_ids(self.qmp)
         for key, s in list(self._snaps.items()):
             if s.nodes is None:
                 continue
-            if s.nodes.job_id not in await graph.job_ids(self.qmp):
-                await self._unplug(s.nodes)
-                self._snaps[key] = _Snapshot(replace(s.info, valid=False, reason=(
-                    "the QEMU fleecing job ended on its own")), None)
-                changed = True
-                continue
-            ranges = await asyncio.to_thread(copied_ranges, self.uri(s.info.name))
-            used = sum(length for _, length in ranges)
-            blocks = -(-used // self.cluster_size)
-            info = replace(s.info, preserved_bytes=used, preserved_blocks=blocks)
-            grown = s.nodes.grown_bytes()
-            if info.on_full == "invalidate" and info.max_size is not None and grown > info.max_size:
-                await self._unplug(s.nodes)
-                info = replace(info, valid=False, reason=(
-                    f"store full: target grew by {grown} bytes, max size {info.max_size}"))
-                self._snaps[key] = _Snapshot(info, None)
-                changed = True
-            else:
+            info, grown = s.info, s.nodes.grown_bytes()
+            reason = None
+            if s.nodes.job_id not in jobs:
+                reason = "the QEMU fleecing job ended on its own"
+            elif info.on_full == "invalidate" and info.max_size is not None \
+                    and grown > info.max_size:
+                reason = f"store full: target grew by {grown} bytes, max size {info.max_size}"
+            elif counts:
+                ranges = await asyncio.to_thread(copied_ranges, self.uri(info.name))
+                used = sum(length for _, length in ranges)
+                info = replace(info, preserved_bytes=used,
+                               preserved_blocks=-(-used // self.cluster_size))
+            if reason is None:
                 self._snaps[key] = _Snapshot(info, s.nodes)
+                continue
+            await self._unplug(s.nodes)
+            self._snaps[key] = _Snapshot(replace(info, valid=False, reason=reason), None)
+            changed = True
         if changed:
             self._save()
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            if not any(s.nodes and s.info.max_size is not None and s.info.on_full == "invalidate"
-                       for s in self._snaps.values()):
+            if not any(s.nodes for s in self._snaps.values()):
                 continue
-            with contextlib.suppress(QemuError, RuntimeError, OSError):
+            with contextlib.suppress(QemuError, OSError):
                 async with self._lock:
-                    await self._refresh()
+                    await self._refresh(counts=False)
 
 
 def _qcow2_limit(initial: int, size: int, max_size: int, cluster: int) -> int:
