@@ -1,15 +1,17 @@
 """Engine throughput beside plain os.pwrite / os.pread on the same kind of file.
 
 Origin writes through the engine with 0, 1 and 8 live snapshots (sequential 1 MiB and
-random 4 KiB; first and second overwrite), and sequential snapshot reads.  Each engine
-figure is measured right after its plain counterpart on fresh files in ``--dir``;
-ratios are engine / plain (or 8 snapshots / 1 snapshot), the median of ``--repeat``
-rounds.  Files stay in the page cache (no sync at
-the end) unless ``--sync``.  ``assoc_bytes_per_tib`` is the block-association memory a
-fully overwritten 1 TiB origin needs at the default block size, measured on a real
-index filled for a sparse 1 TiB origin.
+random 4 KiB; first and second overwrite), and sequential snapshot reads.  Each round
+makes fresh, fully written files in ``--dir`` for plain I/O and for each engine, and
+every phase takes turns between plain and the engines every 8 MiB (128 random writes),
+so all see the same machine load.  Ratios are engine / plain (or 8 snapshots /
+1 snapshot), the median of ``--repeat`` rounds.  Data stays in the page cache (no sync
+in the timed phases; strict mode syncs the store before origin writes by design).
+``assoc_bytes_per_tib`` is the block-association memory a fully overwritten 1 TiB
+origin needs at the default block size, measured on a real index filled for a sparse
+1 TiB origin.
 
-    .venv/bin/python bench/engine.py [--size 256M] [--dir /var/tmp] [--json]
+    .venv/bin/python bench/engine.py [--size 128M] [--repeat 3] [--dir /var/tmp] [--json]
 """
 
 from __future__ import annotations
@@ -52,126 +54,117 @@ def make_file(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def timed(fn: Callable[[], int], sync: Callable[[], None] | None = None) -> float:
-    """Bytes per second of ``fn`` (which returns the bytes it moved)."""
-    t0 = time.perf_counter()
-    n = fn()
-    if sync:
-        sync()
-    return n / (time.perf_counter() - t0)
+SLICE = 8 * MIB  # sequential phases alternate between contenders every SLICE bytes
+RAND_SLICE = 128  # random phases every RAND_SLICE writes
+
+Writer = Callable[[int, bytes], None]
+Reader = Callable[[int, int], bytes]
 
 
-def seq_write(write: Callable[[int, bytes], None], size: int) -> Callable[[], int]:
-    buf = os.urandom(MIB)
+def interleaved(jobs: dict[str, Callable[[int], int]], steps: int) -> dict[str, float]:
+    """Run ``jobs[name](step)`` for every step, contenders taking turns within each step
+    (so that all of them see the same machine load); bytes per second of each."""
+    spent = dict.fromkeys(jobs, 0.0)
+    moved = dict.fromkeys(jobs, 0)
+    for step in range(steps):
+        for name, job in jobs.items():
+            t0 = time.perf_counter()
+            moved[name] += job(step)
+            spent[name] += time.perf_counter() - t0
+    return {name: moved[name] / spent[name] for name in jobs}
 
-    def run() -> int:
-        for off in range(0, size, MIB):
+
+def seq_writer(write: Writer, buf: bytes) -> Callable[[int], int]:
+    def job(step: int) -> int:
+        base = step * SLICE
+        for off in range(base, base + SLICE, MIB):
             write(off, buf)
-        return size
+        return SLICE
 
-    return run
-
-
-def rand_write(
-    write: Callable[[int, bytes], None], offsets: list[int]
-) -> Callable[[], int]:
-    buf = os.urandom(4096)
-
-    def run() -> int:
-        for off in offsets:
-            write(off, buf)
-        return 4096 * len(offsets)
-
-    return run
+    return job
 
 
-def seq_read(read: Callable[[int, int], bytes], size: int) -> Callable[[], int]:
-    def run() -> int:
-        for off in range(0, size, MIB):
+def seq_reader(read: Reader) -> Callable[[int], int]:
+    def job(step: int) -> int:
+        base = step * SLICE
+        for off in range(base, base + SLICE, MIB):
             read(off, MIB)
-        return size
+        return SLICE
 
-    return run
+    return job
 
 
-class Round:
-    """One round on fresh files: each engine figure is measured right after its plain
-    counterpart, so that both see the same machine load."""
+def rand_writer(write: Writer, offsets: list[int], buf: bytes) -> Callable[[int], int]:
+    def job(step: int) -> int:
+        part = offsets[step * RAND_SLICE : (step + 1) * RAND_SLICE]
+        for off in part:
+            write(off, buf)
+        return 4096 * len(part)
 
-    def __init__(self, root: Path, size: int, durability: str, sync: bool) -> None:
-        self.root, self.size, self.durability, self.do_sync = root, size, durability, sync
-        rnd = random.Random(7)
-        # distinct 4 KiB offsets in distinct 64 KiB blocks: every write is a first overwrite
-        blocks = rnd.sample(range(size // BS), min(4096, size // BS))
-        self.rand_offsets = [b * BS + rnd.randrange(16) * 4096 for b in blocks]
-        d = root / "plain"
+    return job
+
+
+def one_round(root: Path, size: int, durability: Any) -> dict[str, float]:
+    """Fresh files for plain I/O and for engines with 0, 1 and 8 snapshots; every phase
+    interleaves them.  Returns rates (bytes/s) by "<contender>_<phase>"."""
+    for d in root.iterdir():
         shutil.rmtree(d, ignore_errors=True)
-        d.mkdir()
-        make_file(d / "disk.img", size)
-        self.plain_fd = os.open(d / "disk.img", os.O_RDWR)
-
-    def close(self) -> None:
-        os.close(self.plain_fd)
-
-    def _pw(self, off: int, b: bytes) -> None:
-        os.pwrite(self.plain_fd, b, off)
-
-    def _pr(self, off: int, n: int) -> bytes:
-        return os.pread(self.plain_fd, n, off)
-
-    def _psync(self) -> None:
-        os.fdatasync(self.plain_fd)
-
-    def plain_seq(self) -> float:
-        return timed(seq_write(self._pw, self.size), self._psync if self.do_sync else None)
-
-    def plain_rand(self) -> float:
-        return timed(rand_write(self._pw, self.rand_offsets), self._psync if self.do_sync else None)
-
-    def plain_read(self) -> float:
-        return timed(seq_read(self._pr, self.size))
-
-    def engine(self, nsnaps: int) -> dict[str, float]:
-        """Figures of an engine with ``nsnaps`` live snapshots, each beside plain."""
-        d = self.root / f"engine{nsnaps}"
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir()
-        make_file(d / "disk.img", self.size)
-        durability: Any = self.durability
-        eng = Engine.open(d / "store", {"disk": d / "disk.img"}, durability=durability)
-        try:
-            dev = eng.origin_device("disk")
-            for i in range(nsnaps):
+    names = ["plain", "snap0", "snap1", "snap8"]
+    for name in names:
+        (root / name).mkdir()
+        make_file(root / name / "disk.img", size)
+    plain_fd = os.open(root / "plain" / "disk.img", os.O_RDWR)
+    engines = {
+        n: Engine.open(root / n / "store", {"disk": root / n / "disk.img"}, durability=durability)
+        for n in names[1:]
+    }
+    try:
+        for n, eng in engines.items():
+            for i in range(int(n[4:])):
                 eng.create_snapshot("disk", f"s{i}")
-            sync = dev.flush if self.do_sync else None
-            out = {"plain_seq1m": self.plain_seq()}
-            out["seq1m_first"] = timed(seq_write(dev.pwrite, self.size), sync)
-            out["plain_seq1m_2"] = self.plain_seq()
-            out["seq1m_second"] = timed(seq_write(dev.pwrite, self.size), sync)
-            if nsnaps:
-                snap = eng.snapshot_device("disk", "s0")
-                out["plain_read1m"] = self.plain_read()
-                out["read1m"] = timed(seq_read(snap.pread, self.size))
-                eng.create_snapshot("disk", "r")  # a new snapshot: random writes copy again
-                out["plain_rand4k"] = self.plain_rand()
-                out["rand4k_first"] = timed(rand_write(dev.pwrite, self.rand_offsets), sync)
-            return out
-        finally:
+        writers: dict[str, Writer] = {"plain": lambda off, b: os.pwrite(plain_fd, b, off)}  # type: ignore[dict-item]
+        for n, eng in engines.items():
+            writers[n] = eng.origin_device("disk").pwrite
+        buf = os.urandom(MIB)
+        steps = size // SLICE
+        out: dict[str, float] = {}
+        for phase in ("seq1m_first", "seq1m_second"):
+            rates = interleaved({n: seq_writer(w, buf) for n, w in writers.items()}, steps)
+            out.update({f"{n}_{phase}": r for n, r in rates.items()})
+        readers: dict[str, Reader] = {
+            "plain": lambda off, n: os.pread(plain_fd, n, off),
+            "snap1": engines["snap1"].snapshot_device("disk", "s0").pread,
+            "snap8": engines["snap8"].snapshot_device("disk", "s0").pread,
+        }
+        rates = interleaved({n: seq_reader(r) for n, r in readers.items()}, steps)
+        out.update({f"{n}_read1m": r for n, r in rates.items()})
+        # distinct 4 KiB offsets in distinct blocks, after a new snapshot: first overwrites
+        rnd = random.Random(7)
+        blocks = rnd.sample(range(size // BS), min(4096, size // BS))
+        offsets = [b * BS + rnd.randrange(16) * 4096 for b in blocks]
+        for n in ("snap1", "snap8"):
+            engines[n].create_snapshot("disk", "r")
+        small = os.urandom(4096)
+        jobs = {n: rand_writer(writers[n], offsets, small) for n in ("plain", "snap1", "snap8")}
+        rates = interleaved(jobs, (len(offsets) + RAND_SLICE - 1) // RAND_SLICE)
+        out.update({f"{n}_rand4k_first": r for n, r in rates.items()})
+        return out
+    finally:
+        os.close(plain_fd)
+        for eng in engines.values():
             eng.close()
-            shutil.rmtree(d, ignore_errors=True)
 
 
-def ratios(r: dict[int, dict[str, float]]) -> dict[str, float]:
-    """The issue's ratios from one round's figures (by number of snapshots)."""
-    one, eight, zero = r[1], r[8], r[0]
+def ratios(r: dict[str, float]) -> dict[str, float]:
+    """The issue's ratios from one round's rates."""
     return {
-        "seq1m_nosnap_ratio": zero["seq1m_first"] / zero["plain_seq1m"],
-        "seq1m_first_ratio": one["seq1m_first"] / one["plain_seq1m"],
-        "seq1m_second_ratio": one["seq1m_second"] / one["plain_seq1m_2"],
-        "rand4k_first_ratio": one["rand4k_first"] / one["plain_rand4k"],
-        "snap8_vs_snap1_ratio": (eight["seq1m_first"] / eight["plain_seq1m"])
-        / (one["seq1m_first"] / one["plain_seq1m"]),
-        "snap_read_ratio": one["read1m"] / one["plain_read1m"],
+        "seq1m_nosnap_ratio": r["snap0_seq1m_first"] / r["plain_seq1m_first"],
+        "seq1m_first_ratio": r["snap1_seq1m_first"] / r["plain_seq1m_first"],
+        "seq1m_second_ratio": r["snap1_seq1m_second"] / r["plain_seq1m_second"],
+        "rand4k_first_ratio": r["snap1_rand4k_first"] / r["plain_rand4k_first"],
+        "snap8_vs_snap1_ratio": r["snap8_seq1m_first"] / r["snap1_seq1m_first"],
+        "snap8_seq1m_first_ratio": r["snap8_seq1m_first"] / r["plain_seq1m_first"],
+        "snap_read_ratio": r["snap1_read1m"] / r["plain_read1m"],
     }
 
 
@@ -197,32 +190,22 @@ def main() -> None:
     ap.add_argument("--size", default="128M", help="origin size (default 128M)")
     ap.add_argument("--dir", default=None, help="where the files go (default: a tmp dir)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported")
-    ap.add_argument("--sync", action="store_true", help="fdatasync at the end of each phase")
     ap.add_argument("--no-strict", action="store_true", help="skip the strict-mode figures")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    size = max(MIB, parse_size(args.size) // MIB * MIB)
+    size = max(SLICE, parse_size(args.size) // SLICE * SLICE)
     root = Path(tempfile.mkdtemp(prefix="snapimg-bench-", dir=args.dir))
     res: dict[str, Any] = {"size": size, "block_size": BS, "repeat": args.repeat}
     try:
         for mode in ["default"] if args.no_strict else ["default", "strict"]:
             pre = "" if mode == "default" else "strict_"
-            per_round: list[dict[str, float]] = []
-            rates: dict[str, list[float]] = {}
-            for _ in range(args.repeat):
-                rnd = Round(root, size, mode, args.sync)
-                try:
-                    figs = {n: rnd.engine(n) for n in (0, 1, 8)}
-                finally:
-                    rnd.close()
-                per_round.append(ratios(figs))
-                for n, f in figs.items():
-                    for k, v in f.items():
-                        rates.setdefault(f"snap{n}_{k}", []).append(v)
+            rounds = [one_round(root, size, mode) for _ in range(args.repeat)]
+            per_round = [ratios(r) for r in rounds]
             for key in per_round[0]:
                 res[pre + key] = round(statistics.median(r[key] for r in per_round), 3)
-            for key, vals in sorted(rates.items()):
-                res[f"{pre}{key}_mib_s"] = round(statistics.median(vals) / MIB, 1)
+            for key in sorted(rounds[0]):
+                med = statistics.median(r[key] for r in rounds)
+                res[f"{pre}{key}_mib_s"] = round(med / MIB, 1)
         res["assoc_bytes_per_tib"] = assoc_bytes_per_tib()
     finally:
         shutil.rmtree(root, ignore_errors=True)

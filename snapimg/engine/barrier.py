@@ -1,5 +1,9 @@
 """A readers-writer barrier: I/O runs shared, snapshot lifecycle changes run exclusive
-(waiting for I/O in flight and holding new I/O until they finish)."""
+(waiting for I/O in flight and holding new I/O until they finish).
+
+The shared side is on every I/O request, so it is two plain lock round trips when no
+exclusive holder is around, with no generator or notification on that path.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +14,35 @@ from contextlib import contextmanager
 
 class Barrier:
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._shared = 0
         self._exclusive = False
         self._waiting = 0  # exclusive waiters get priority over new shared holders
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
+    def acquire_shared(self) -> None:
+        with self._lock:
             while self._exclusive or self._waiting:
                 self._cond.wait()
             self._shared += 1
+
+    def release_shared(self) -> None:
+        with self._lock:
+            self._shared -= 1
+            if not self._shared and self._waiting:
+                self._cond.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
         try:
             yield
         finally:
-            with self._cond:
-                self._shared -= 1
-                if not self._shared:
-                    self._cond.notify_all()
+            self.release_shared()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._cond:
+        with self._lock:
             self._waiting += 1
             while self._exclusive or self._shared:
                 self._cond.wait()
@@ -40,6 +51,6 @@ class Barrier:
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._exclusive = False
                 self._cond.notify_all()

@@ -12,8 +12,10 @@ looks again afterwards and rereads it from the store if a copy was installed mea
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
+from array import array
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -314,18 +316,27 @@ class Engine:
         self, o: _Open, offset: int, data: bytes | memoryview, fua: bool
     ) -> None:
         n = len(data)
-        self._check_range(o.file.size, offset, n)
-        if not n:
+        if offset < 0 or offset + n > o.file.size or not n:
+            self._check_range(o.file.size, offset, n)
             return
-        bs = self.block_size
-        with self._barrier.shared():
-            self._check_open()
+        barrier = self._barrier
+        barrier.acquire_shared()
+        try:
+            if self._closed:
+                self._check_open()
             if o.index.live:
+                bs = self.block_size
                 self._preserve(o, offset // bs, (offset + n - 1) // bs + 1)
-            o.file.pwrite(data, offset)
             if fua:
+                o.file.pwrite(data, offset)
                 self._sync_store()
                 o.file.datasync()
+            else:
+                done = os.pwrite(o.file.fd, data, offset)
+                if done != n:  # a short write: finish it
+                    o.file.pwrite(memoryview(data)[done:], offset + done)
+        finally:
+            barrier.release_shared()
 
     def origin_zero(self, o: _Open, offset: int, length: int, fua: bool, punch: bool) -> None:
         self._check_range(o.file.size, offset, length)
@@ -361,7 +372,7 @@ class Engine:
         with self._lock:
             extents = self.store.alloc(n)
         data = o.file.pread(b * bs, n * bs)
-        if len(data) < n * bs:
+        if len(data) < n * bs:  # the origin's last, partial block
             data = data.ljust(n * bs, b"\0")
         view = memoryview(data)
         try:
@@ -431,28 +442,41 @@ class Engine:
     # -- snapshot I/O --------------------------------------------------------------------
 
     def snap_read(self, o: _Open, s: SnapshotState, offset: int, length: int) -> bytes:
-        self._check_range(o.file.size, offset, length)
-        if not length:
+        if offset < 0 or offset + length > o.file.size or length <= 0:
+            self._check_range(o.file.size, offset, length)
             return b""
         bs = self.block_size
-        with self._barrier.shared():
+        b0, b1 = offset // bs, (offset + length - 1) // bs + 1
+        barrier = self._barrier
+        barrier.acquire_shared()
+        try:
             self._check_valid(s)
-            b0, b1 = offset // bs, (offset + length - 1) // bs + 1
             if s.released and s.released.overlaps(b0, b1):
                 raise ReleasedRangeError(
                     f"snapshot {s.origin}@{s.name}: range [{offset}, +{length}) was released"
                 )
-            data = self._read_blocks(o, s, b0, b1, offset - b0 * bs, length)
+            segs = self._sources(o, s, b0, b1 - b0)
+            if len(segs) == 1 and segs[0][0] >= 0:  # all in consecutive slots
+                data = self.store.read_slots(segs[0][0], length, offset - b0 * bs)
+            else:
+                data = self._read_blocks(o, s, segs, offset, length)
             self._check_valid(s)
             return data
+        finally:
+            barrier.release_shared()
 
     def _sources(self, o: _Open, s: SnapshotState, b0: int, n: int) -> list[list[int]]:
         """[slot or -1 for the origin, first block, count] runs for blocks [b0, b0+n)."""
         idx = o.index
         ents = idx.table.get_run(b0, n)
         limit = s.gen << GEN_SHIFT
-        if not s.private and max(ents) < limit:
-            return [[-1, b0, n]]
+        if not s.private:
+            if max(ents) < limit:
+                return [[-1, b0, n]]
+            first = ents[0]
+            # one run of consecutive slots of one generation, no older versions around
+            if first >= limit and not idx.overflow and ents == array("Q", range(first, first + n)):
+                return [[(first & SLOT_MASK) - 1, b0, n]]
         segs: list[list[int]] = []
         private, overflow = s.private, idx.overflow
         for i, e in enumerate(ents):
@@ -474,13 +498,11 @@ class Engine:
         return segs
 
     def _read_blocks(
-        self, o: _Open, s: SnapshotState, b0: int, b1: int, skip: int, length: int
+        self, o: _Open, s: SnapshotState, segs: list[list[int]], start: int, length: int
     ) -> bytes:
-        """Snapshot content of bytes [b0*bs + skip, +length)."""
+        """Snapshot content of bytes [start, +length), whose blocks come from ``segs``."""
         bs = self.block_size
-        start = b0 * bs + skip
         end = start + length
-        segs = self._sources(o, s, b0, b1 - b0)
         parts: list[bytes] = []
         from_origin: list[list[int]] = []
         for slot, b, count in segs:
@@ -545,7 +567,8 @@ class Engine:
             if within == 0 and len(piece) == bs:
                 buf = bytearray(piece)
             else:
-                buf = bytearray(self._read_blocks(o, s, b, b + 1, 0, bs))
+                segs = self._sources(o, s, b, 1)
+                buf = bytearray(self._read_blocks(o, s, segs, b * bs, bs))
                 buf.extend(bytes(bs - len(buf)))
                 buf[within : within + len(piece)] = piece
             limit = s.max_blocks(bs)

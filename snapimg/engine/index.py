@@ -82,6 +82,21 @@ class BlockTable:
         if g > self.chunk_max_gen.get(ci, 0):
             self.chunk_max_gen[ci] = g
 
+    def set_run(self, b: int, first: int, n: int) -> None:
+        """Entries ``first, first+1, ...`` (one generation, consecutive slots) for
+        blocks [b, b+n)."""
+        while n > 0:
+            ci, off = b >> CHUNK_SHIFT, b & (CHUNK - 1)
+            take = min(n, CHUNK - off)
+            chunk = self.chunks.get(ci)
+            if chunk is None:
+                chunk = self.chunks[ci] = array("Q", _ZERO_CHUNK)
+            chunk[off : off + take] = array("Q", range(first, first + take))
+            g = first >> GEN_SHIFT
+            if g > self.chunk_max_gen.get(ci, 0):
+                self.chunk_max_gen[ci] = g
+            b, n, first = b + take, n - take, first + take
+
     def blocks_from_gen(self, lo: int) -> Iterator[tuple[int, int]]:
         """(block, entry) for every entry whose generation is ``>= lo``, ascending."""
         limit = lo << GEN_SHIFT
@@ -204,6 +219,8 @@ class OriginIndex:
         out: dict[int, int] = {}
         cache: dict[int, list[SnapshotState]] = {}
         ents = self.table.get_run(b0, n)
+        if not self.excluding and not max(ents):  # never copied: one interval for all
+            return {s.gen: n for s in self.needers(b0, 0, gen)}
         for i, e in enumerate(ents):
             p = e >> GEN_SHIFT
             if p >= gen:
@@ -227,6 +244,14 @@ class OriginIndex:
         or no live snapshot needs it; those slots come back for freeing."""
         unused: list[int] = []
         table, overflow = self.table, self.overflow
+        if not self.excluding and not max(table.get_run(b0, n)):
+            fresh = self.needers(b0, 0, gen)  # never copied: the same needers for all
+            if not fresh:
+                return list(range(slot0, slot0 + n))
+            table.set_run(b0, pack(gen, slot0), n)
+            for s in fresh:
+                s.preserved += n
+            return []
         for i in range(n):
             b = b0 + i
             old = table.get(b)
