@@ -5,11 +5,15 @@
 - ``SNAPIMG_ACCEL``: ``tcg`` (default) or ``kvm``; kvm that is not usable skips VM tests.
 - ``SNAPIMG_VM_LOG_DIR``: where per-test serial and QEMU logs go (default vmtests/logs).
 - ``SNAPIMG_CACHE_DIR``: built guest images (default images/cache; git-ignored).
+- ``SNAPIMG_VM_TIMEOUT_SCALE``: multiplies every guest timeout (default 1; e.g. 20 for nested
+  KVM, where FreeDOS takes minutes to boot).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ class Settings:
     accel: str
     log_dir: Path
     cache_dir: Path
+    timeout_scale: float = 1.0
 
     def snapimg_command(self) -> list[str]:
         """The snapimg CLI, run by the interpreter that runs the rig."""
@@ -46,7 +51,24 @@ class Settings:
             return "SNAPIMG_ACCEL=kvm but /dev/kvm does not exist"
         if not os.access("/dev/kvm", os.R_OK | os.W_OK):
             return "SNAPIMG_ACCEL=kvm but /dev/kvm is not accessible"
-        return None
+        return _kvm_probe()
+
+
+@functools.cache
+def _kvm_probe() -> str | None:
+    """None if QEMU can initialise KVM here, else QEMU's complaint."""
+    try:
+        result = subprocess.run(
+            ["qemu-system-x86_64", "-accel", "kvm", "-machine", "none", "-nodefaults",
+             "-display", "none", "-no-user-config", "-qmp", "stdio"],
+            input='{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
+            capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"SNAPIMG_ACCEL=kvm but QEMU could not start with KVM: {err}"
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        return f"SNAPIMG_ACCEL=kvm but QEMU cannot use KVM: {lines[-1] if lines else '?'}"
+    return None
 
 
 def load() -> Settings:
@@ -55,9 +77,16 @@ def load() -> Settings:
     if accel not in ACCELS:
         raise UsageError(f"SNAPIMG_ACCEL must be one of {', '.join(ACCELS)}, not {accel!r}")
     image = Path(env.get("SNAPIMG_FREEDOS_IMAGE") or DEFAULT_FREEDOS_IMAGE)
+    try:
+        scale = float(env.get("SNAPIMG_VM_TIMEOUT_SCALE") or 1)
+    except ValueError:
+        scale = 0
+    if scale <= 0:
+        raise UsageError("SNAPIMG_VM_TIMEOUT_SCALE must be a positive number")
     return Settings(
         freedos_image=image,
         accel=accel,
         log_dir=Path(env.get("SNAPIMG_VM_LOG_DIR") or REPO / "vmtests" / "logs"),
         cache_dir=Path(env.get("SNAPIMG_CACHE_DIR") or REPO / "images" / "cache"),
+        timeout_scale=scale,
     )

@@ -37,7 +37,8 @@ class _Port:
 
 
 class Console:
-    def __init__(self, log_dir: Path, prefix: str) -> None:
+    def __init__(self, log_dir: Path, prefix: str, timeout_scale: float = 1.0) -> None:
+        self._timeout_scale = timeout_scale   # multiplies every expect() timeout
         self._log_dir = log_dir
         self._prefix = prefix
         self._ports: dict[str, _Port] = {}
@@ -123,6 +124,7 @@ class Console:
         for name, patterns in (watch or {}).items():
             bad.setdefault(name, []).extend(_compile(patterns))
         scanned = {name: self._ports[name].cursor for name in bad}
+        timeout *= self._timeout_scale
         deadline = time.monotonic() + timeout
         while True:
             self._changed.clear()

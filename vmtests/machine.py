@@ -72,7 +72,7 @@ class Machine:
 
     def __post_init__(self) -> None:
         self.qmp = QMPClient(self.name)
-        self.console = Console(self.log_dir, self.name)
+        self.console = Console(self.log_dir, self.name, self.settings.timeout_scale)
         self._run_dir = Path(tempfile.mkdtemp(prefix="snapimg-vm-"))  # short socket paths
 
     # ---- command line -------------------------------------------------------------------
@@ -129,6 +129,7 @@ class Machine:
     # ---- lifecycle ----------------------------------------------------------------------
 
     async def start(self, timeout: float = 30.0) -> None:
+        timeout *= self.settings.timeout_scale
         self.log_dir.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
         log = self.log_dir / f"{self.name}-qemu.log"
@@ -184,6 +185,7 @@ class Machine:
     async def wait_exit(self, timeout: float) -> int:
         """Wait until QEMU ends by itself; its exit status."""
         assert self.process is not None
+        timeout *= self.settings.timeout_scale
         try:
             return await asyncio.wait_for(self.process.wait(), timeout)
         except TimeoutError:
