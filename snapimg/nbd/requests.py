@@ -10,7 +10,7 @@ import logging
 from typing import NamedTuple
 
 from snapimg.blockdev import BlockDevice, Extent
-from snapimg.errors import DeviceError
+from snapimg.errors import DeviceError, SnapimgError
 from snapimg.nbd import protocol as p
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def serve_request(ctx: Context, req: Request, payload: bytes | bytearray | None)
         return error_reply(ctx.structured, req, p.nbd_error(err.errno), str(err))
     except OSError as err:
         return error_reply(ctx.structured, req, p.nbd_error(err.errno or 0), str(err))
+    except SnapimgError as err:  # e.g. the snapshot was dropped under this request
+        return error_reply(ctx.structured, req, p.NBD_EIO, str(err))
     except Exception as err:  # a bug: report EIO to this request, keep serving
         log.exception("%s failed", p.COMMAND_NAMES.get(req.cmd, req.cmd))
         return error_reply(ctx.structured, req, p.NBD_EIO, f"internal error: {err}")

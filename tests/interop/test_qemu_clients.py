@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tests.interop.qemu_tools import qemu_io, run
 from tests.interop.serving import Serve, snapimg
+from tests.nbd.tlscerts import make_certs
 
 MiB = 1 << 20
 
@@ -98,67 +99,6 @@ def test_qemu_system_writes_through_engine(tmp_path: Path, serve: Callable[..., 
     assert s.stop() == 0
 
 
-def _certs(d: Path) -> None:
-    def ssl(*args: str) -> None:
-        run("openssl", *args)
-
-    (d / "ext.cnf").write_text(
-        "[srv]\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
-        "[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=keyCertSign,cRLSign\n"
-    )
-    ssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(d / "ca-key.pem"),
-        "-out",
-        str(d / "ca-cert.pem"),
-        "-subj",
-        "/CN=snapimg test CA",
-        "-days",
-        "2",
-        "-extensions",
-        "ca",
-        "-config",
-        str(d / "ext.cnf"),
-    )
-    ssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        str(d / "server-key.pem"),
-        "-out",
-        str(d / "server.csr"),
-        "-subj",
-        "/CN=127.0.0.1",
-    )
-    ssl(
-        "x509",
-        "-req",
-        "-in",
-        str(d / "server.csr"),
-        "-CA",
-        str(d / "ca-cert.pem"),
-        "-CAkey",
-        str(d / "ca-key.pem"),
-        "-CAcreateserial",
-        "-out",
-        str(d / "server-cert.pem"),
-        "-days",
-        "2",
-        "-extfile",
-        str(d / "ext.cnf"),
-        "-extensions",
-        "srv",
-    )
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,9 +106,7 @@ def _free_port() -> int:
 
 
 def test_qemu_tls_client(tmp_path: Path, serve: Callable[..., Serve]) -> None:
-    certs = tmp_path / "pki"
-    certs.mkdir()
-    _certs(certs)
+    certs = make_certs(tmp_path / "pki")
     img = tmp_path / "tls.img"
     with img.open("wb") as f:
         f.truncate(4 * MiB)
