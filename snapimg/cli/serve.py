@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -179,7 +179,7 @@ async def _run(config: ServeConfig, kind: str, control_path: Path, pid_file: Pat
             f"exports={','.join(names)} pid={os.getpid()}",
             flush=True,
         )
-        await stop.wait()
+        death = await _until_stopped_or_dead(stop, backend)
     finally:
         await control.close()
         await backend.close()
@@ -187,4 +187,25 @@ async def _run(config: ServeConfig, kind: str, control_path: Path, pid_file: Pat
             with contextlib.suppress(FileNotFoundError):
                 pid_file.unlink()
     sys.stdout.flush()
+    if death is not None:
+        print(f"snapimg serve: {death}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _until_stopped_or_dead(stop: asyncio.Event, backend: Backend) -> str | None:
+    """Wait for SIGINT/SIGTERM (-> None) or for the backend to die on its own (-> why).
+
+    A backend may offer ``async def died() -> str`` (the qsd backend: its daemon exited)."""
+    died: Callable[[], Awaitable[str]] | None = getattr(backend, "died", None)
+    if died is None:
+        await stop.wait()
+        return None
+    stopped = asyncio.ensure_future(stop.wait())
+    dead = asyncio.ensure_future(died())
+    try:
+        await asyncio.wait({stopped, dead}, return_when=asyncio.FIRST_COMPLETED)
+        return dead.result() if dead.done() and not stopped.done() else None
+    finally:
+        stopped.cancel()
+        dead.cancel()
