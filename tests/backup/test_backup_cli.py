@@ -128,6 +128,18 @@ def test_missing_parent_is_refused_clearly(tmp_path: Path, serve: Callable[..., 
     assert "broken chain: backup b0003 needs parent b0002, which is not in the manifest" \
         in proc.stderr
 
+    # a corrupted backup file is caught by the sha256 check; the target stays untouched
+    out.unlink()
+    with (bk / "b0001.raw").open("r+b") as f:
+        f.seek(1 << 20)
+        byte = f.read(1)
+        f.seek(1 << 20)
+        f.write(bytes([byte[0] ^ 1]))
+    proc = snapimg("restore", bk, "--backup", "b0001", "--to", out, check=False)
+    assert proc.returncode == 1
+    assert "sha256" in proc.stderr and "does not match the manifest" in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.img*"))
+
     # an incremental from a snapshot no backup came from is refused; nothing is left over
     proc = snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--since", "nope",
                    check=False)
