@@ -2,7 +2,7 @@
 
 Both allocation maps are walked together: where both sides are holes or known zeroes
 nothing is read; where one side is, only the other is read and checked for zeroes; where
-both hold data, both are read (each by its own read-ahead thread) and compared.  A
+both hold data, both are read and compared (NBD sides by read-ahead threads).  A
 difference marks its whole ``block_size`` block; adjacent changed blocks merge into one
 range.  Bytes past the end of the shorter source count as changed.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapimg.inspect.readahead import CHUNK, read_ahead
-from snapimg.inspect.source import Source
+from snapimg.inspect.source import FileSource, Source
 
 _ZEROES = bytes(CHUNK)
 
@@ -88,8 +88,10 @@ def diff_sources(
     common = min(a.size, b.size)
     blocks = _Blocks()
     plan = list(_segments(a, b, common))
-    data_a = read_ahead(a, ((o, n) for o, n, ra, _ in plan if ra))
-    data_b = read_ahead(b, ((o, n) for o, n, _, rb in plan if rb))
+    # Local files: read in line (comparing is cheap, a thread would only add hand-offs);
+    # NBD: a reader thread per side keeps a request in flight while we compare.
+    data_a = read_ahead(a, ((o, n) for o, n, ra, _ in plan if ra), _depth(a))
+    data_b = read_ahead(b, ((o, n) for o, n, _, rb in plan if rb), _depth(b))
     try:
         for off, n, ra, rb in plan:
             if ra or rb:
@@ -110,6 +112,10 @@ def diff_sources(
         start = first * block_size
         result.ranges.append((start, min(end * block_size, longer) - start))
     return result
+
+
+def _depth(src: Source) -> int:
+    return 0 if isinstance(src, FileSource) else 4
 
 
 def _mark(blocks: _Blocks, off: int, da: bytes | bytearray, db: bytes | bytearray, bs: int) -> None:

@@ -28,6 +28,14 @@ def chunked(offset: int, length: int, chunk: int = CHUNK) -> Iterator[tuple[int,
         offset += n
 
 
+def _read_in_line(src: Source, reads: Iterable[tuple[int, int]]) -> Iterator[bytearray]:
+    buf = bytearray(CHUNK)
+    for off, n in reads:
+        out = buf if n == CHUNK else bytearray(n)
+        src.pread_into(off, out, n)
+        yield out
+
+
 class _Failed:
     def __init__(self, err: BaseException) -> None:
         self.err = err
@@ -40,8 +48,12 @@ def read_ahead(
 
     Each yielded buffer is exactly as long as its read and valid until the consumer asks
     for the next one but ``depth``: it is then reused.  Closing the generator early
-    (break, exception) stops the reader thread.
+    (break, exception) stops the reader thread.  ``depth=0``: no thread, each read done
+    when asked for (page-cache reads are CPU work: a thread only adds hand-offs).
     """
+    if depth == 0:
+        yield from _read_in_line(src, reads)
+        return
     q: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
     ring = [bytearray(CHUNK) for _ in range(depth + 2)]
