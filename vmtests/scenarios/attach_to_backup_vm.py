@@ -83,8 +83,15 @@ async def run(rig: Rig) -> Result:
     result = Result(NAME, rig.controller.name)
     await _write(rig, "writer1", *BEFORE)
     snap_uri = await rig.server.snapshot_create(EXPORT, "backup")
-    read, _ = await asyncio.gather(_read_backup(rig, snap_uri), _write(rig, "writer2", *AFTER))
-    sums, boot_seconds = read
+    reader = asyncio.ensure_future(_read_backup(rig, snap_uri))
+    writer = asyncio.ensure_future(_write(rig, "writer2", *AFTER))
+    try:
+        (sums, boot_seconds), _ = await asyncio.gather(reader, writer)
+    except BaseException:
+        for task in (reader, writer):   # one VM failed: stop the other one too
+            task.cancel()
+        await asyncio.gather(reader, writer, return_exceptions=True)
+        raise
     result.facts["backup_vm_boot_seconds"] = round(boot_seconds, 2)
     want = expected_sums(*BEFORE)
     result.facts["guest_sums"] = sums
