@@ -39,6 +39,8 @@ class RestoreResult:
 
 def restore(directory: Path, backup_id: str | None, image: Path) -> RestoreResult:
     t0 = time.monotonic()
+    if not directory.is_dir():
+        raise BackupError(f"{directory} is not a backup directory (no such directory)")
     man = manifest.load(directory)
     if not man.backups:
         raise BackupError(f"{directory} holds no backups")

@@ -25,7 +25,8 @@ def register(sub: Any) -> None:
     b: argparse.ArgumentParser = sub.add_parser(
         "backup", help="snapshot an origin, copy it into a backup directory, verify, drop")
     src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--control", type=Path, help="control socket of snapimg serve")
+    src.add_argument("--control", type=Path, metavar="PATH",
+                     help="control socket of snapimg serve")
     src.add_argument("--qmp", type=Path, metavar="SOCKET",
                      help="QMP socket of a running QEMU (with --device; full backups only)")
     b.add_argument("--device", metavar="QDEV-ID", help="with --qmp: the disk's device id")
