@@ -79,15 +79,8 @@ async def negotiate(
             await _reply(w, option, p.NBD_REP_ERR_TOO_BIG, b"option data too long")
             continue
         data = await r.readexactly(length)
-        if (
-            tls is not None
-            and not session.tls_active
-            and option
-            not in (
-                p.NBD_OPT_STARTTLS,
-                p.NBD_OPT_ABORT,
-            )
-        ):
+        tls_missing = tls is not None and not session.tls_active
+        if tls_missing and option not in (p.NBD_OPT_STARTTLS, p.NBD_OPT_ABORT):
             if option == p.NBD_OPT_EXPORT_NAME:
                 return None
             await _reply(w, option, p.NBD_REP_ERR_TLS_REQD, b"TLS required")
