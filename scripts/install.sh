@@ -11,6 +11,8 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils qemu-block-extra
   # independent NBD clients and servers
   libnbd-bin python3-libnbd nbdkit fio
+  # test certificates for NBD over TLS (tests/nbd/tlscerts.py)
+  openssl
   # guest images: assembler, FAT tools, partitioning, filesystems
   nasm mtools dosfstools fdisk e2fsprogs ntfs-3g cpio
   # Python venv and building libvirt-python from source
