@@ -215,16 +215,28 @@ def initramfs_entries(staging: Path) -> tuple[list[cpio.Entry], dict[str, list[s
     return entries + modules, lists
 
 
+def fetch(cache: Path) -> tuple[list[tuple[str, str, str]], list[Path] | None]:
+    """Resolve the packages, and download them unless this exact build is cached."""
+    debs = resolve_debs(sorted([kernel_package(), *PACKAGES]))
+    if (cache / f"build-{recipe_digest(debs)}" / "manifest.json").exists():
+        return debs, None
+    return debs, download(debs, cache / "debs")
+
+
 def build(cache: Path, force: bool = False) -> dict[str, object]:
-    kernel = kernel_package()
-    packages = sorted([kernel, *PACKAGES])
-    debs = resolve_debs(packages)
+    try:
+        debs, deb_files = fetch(cache)
+    except BuildError:
+        # stale package lists (a kernel update removed the old .deb from the mirror): refresh once
+        _run(["apt-get", "update", "-q"])
+        debs, deb_files = fetch(cache)
     out = cache / f"build-{recipe_digest(debs)}"
     manifest = out / "manifest.json"
     if manifest.exists() and not force:
         result: dict[str, object] = json.loads(manifest.read_text())
         return result
-    deb_files = download(debs, cache / "debs")
+    if deb_files is None:
+        deb_files = download(debs, cache / "debs")
     with tempfile.TemporaryDirectory(dir=cache, prefix="staging-") as tmp:
         staging = Path(tmp) / "root"
         for deb in deb_files:
@@ -251,6 +263,9 @@ def build(cache: Path, force: bool = False) -> dict[str, object]:
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
+    for old in cache.glob("build-*"):  # builds of older recipes or package versions
+        if old != out:
+            shutil.rmtree(old, ignore_errors=True)
     return result
 
 

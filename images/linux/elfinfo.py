@@ -7,6 +7,7 @@ ships no modules.dep (depmod runs in its postinst) and a fresh host has neither 
 
 from __future__ import annotations
 
+import mmap
 import struct
 from pathlib import Path
 
@@ -22,9 +23,13 @@ def is_elf(data: bytes) -> bool:
     return data[:4] == b"\x7fELF"
 
 
-def _sections(data: bytes) -> list[tuple[str, int, int, int, int]]:
+def _cstring(data: bytes | mmap.mmap, start: int) -> str:
+    return data[start:data.find(b"\0", start)].decode(errors="replace")
+
+
+def _sections(data: bytes | mmap.mmap) -> list[tuple[str, int, int, int, int]]:
     """(name, type, offset, size, link) of every section."""
-    if not is_elf(data) or data[4] != 2 or data[5] != 1:
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise ElfError("not a little-endian ELF64 file")
     shoff, = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
@@ -34,11 +39,8 @@ def _sections(data: bytes) -> list[tuple[str, int, int, int, int]]:
             "<IIQQQQI", data, shoff + i * shentsize)
         raw.append((name, kind, offset, size, link))
     str_offset = raw[shstrndx][2]
-    out = []
-    for name, kind, offset, size, link in raw:
-        end = data.index(b"\0", str_offset + name)
-        out.append((data[str_offset + name:end].decode(), kind, offset, size, link))
-    return out
+    return [(_cstring(data, str_offset + name), kind, offset, size, link)
+            for name, kind, offset, size, link in raw]
 
 
 def needed_libraries(data: bytes) -> list[str]:
@@ -52,21 +54,21 @@ def needed_libraries(data: bytes) -> list[str]:
         for pos in range(offset, offset + size, 16):
             tag, value = struct.unpack_from("<qQ", data, pos)
             if tag == _DT_NEEDED:
-                end = data.index(b"\0", strtab + value)
-                names.append(data[strtab + value:end].decode())
+                names.append(_cstring(data, strtab + value))
         return names
     return []
 
 
 def modinfo(path: Path) -> dict[str, list[str]]:
     """The key=value strings of a kernel module's .modinfo section, grouped by key."""
-    data = path.read_bytes()
-    for name, _kind, offset, size, _link in _sections(data):
-        if name == ".modinfo":
-            info: dict[str, list[str]] = {}
-            for item in data[offset:offset + size].split(b"\0"):
-                key, sep, value = item.decode(errors="replace").partition("=")
-                if sep:
-                    info.setdefault(key, []).append(value)
-            return info
+    # mapped, not read: only the headers and the section are touched (4000 modules, 390 MB)
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for name, _kind, offset, size, _link in _sections(data):
+            if name == ".modinfo":
+                info: dict[str, list[str]] = {}
+                for item in data[offset:offset + size].split(b"\0"):
+                    key, sep, value = item.decode(errors="replace").partition("=")
+                    if sep:
+                        info.setdefault(key, []).append(value)
+                return info
     raise ElfError(f"{path}: no .modinfo section")
