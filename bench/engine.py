@@ -3,9 +3,11 @@
 Origin writes through the engine with 0, 1 and 8 live snapshots (sequential 1 MiB and
 random 4 KiB; first and second overwrite), and sequential snapshot reads.  Each round
 makes fresh, fully written files in ``--dir`` for plain I/O and for each engine, and
-every phase takes turns between plain and the engines every 8 MiB (128 random writes),
-so all see the same machine load.  Ratios are engine / plain (or 8 snapshots /
-1 snapshot), the median of ``--repeat`` rounds.  Data stays in the page cache (no sync
+in every phase plain and the engines take turns request by request, so all see the
+same machine load.  A rate is bytes over the summed request times without each
+contender's slowest 5% of requests (on a shared machine those are the scheduler's
+preemptions, not I/O).  Ratios are engine / plain (or 8 snapshots / 1 snapshot), the
+median of ``--repeat`` rounds.  Data stays in the page cache (no sync
 in the timed phases; strict mode syncs the store before origin writes by design).
 ``assoc_bytes_per_tib`` is the block-association memory a fully overwritten 1 TiB
 origin needs at the default block size, measured on a real index filled for a sparse
@@ -54,52 +56,54 @@ def make_file(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
-SLICE = 8 * MIB  # sequential phases alternate between contenders every SLICE bytes
-RAND_SLICE = 128  # random phases every RAND_SLICE writes
+TRIM = 0.05  # the slowest 5% of each contender's requests are dropped (see module doc)
 
 Writer = Callable[[int, bytes], None]
 Reader = Callable[[int, int], bytes]
 
 
 def interleaved(jobs: dict[str, Callable[[int], int]], steps: int) -> dict[str, float]:
-    """Run ``jobs[name](step)`` for every step, contenders taking turns within each step
-    (so that all of them see the same machine load); bytes per second of each."""
-    spent = dict.fromkeys(jobs, 0.0)
+    """Run ``jobs[name](step)`` for every step, the contenders taking turns request by
+    request (so all see the same machine load); bytes per second of each, from the
+    trimmed sum of its request times."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
     moved = dict.fromkeys(jobs, 0)
+    clock = time.perf_counter
+    order = list(jobs.items())
     for step in range(steps):
-        for name, job in jobs.items():
-            t0 = time.perf_counter()
+        k = step % len(order)  # rotate who goes first: costs deferred by one request
+        for name, job in order[k:] + order[:k]:  # (e.g. dirty throttling) spread evenly
+            t0 = clock()
             moved[name] += job(step)
-            spent[name] += time.perf_counter() - t0
-    return {name: moved[name] / spent[name] for name in jobs}
+            times[name].append(clock() - t0)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        keep = ts[: max(1, len(ts) - int(len(ts) * TRIM))]
+        out[name] = moved[name] * len(keep) / len(ts) / sum(keep)
+    return out
 
 
 def seq_writer(write: Writer, buf: bytes) -> Callable[[int], int]:
     def job(step: int) -> int:
-        base = step * SLICE
-        for off in range(base, base + SLICE, MIB):
-            write(off, buf)
-        return SLICE
+        write(step * MIB, buf)
+        return MIB
 
     return job
 
 
 def seq_reader(read: Reader) -> Callable[[int], int]:
     def job(step: int) -> int:
-        base = step * SLICE
-        for off in range(base, base + SLICE, MIB):
-            read(off, MIB)
-        return SLICE
+        read(step * MIB, MIB)
+        return MIB
 
     return job
 
 
 def rand_writer(write: Writer, offsets: list[int], buf: bytes) -> Callable[[int], int]:
     def job(step: int) -> int:
-        part = offsets[step * RAND_SLICE : (step + 1) * RAND_SLICE]
-        for off in part:
-            write(off, buf)
-        return 4096 * len(part)
+        write(offsets[step], buf)
+        return 4096
 
     return job
 
@@ -126,7 +130,7 @@ def one_round(root: Path, size: int, durability: Any) -> dict[str, float]:
         for n, eng in engines.items():
             writers[n] = eng.origin_device("disk").pwrite
         buf = os.urandom(MIB)
-        steps = size // SLICE
+        steps = size // MIB
         out: dict[str, float] = {}
         for phase in ("seq1m_first", "seq1m_second"):
             rates = interleaved({n: seq_writer(w, buf) for n, w in writers.items()}, steps)
@@ -146,7 +150,7 @@ def one_round(root: Path, size: int, durability: Any) -> dict[str, float]:
             engines[n].create_snapshot("disk", "r")
         small = os.urandom(4096)
         jobs = {n: rand_writer(writers[n], offsets, small) for n in ("plain", "snap1", "snap8")}
-        rates = interleaved(jobs, (len(offsets) + RAND_SLICE - 1) // RAND_SLICE)
+        rates = interleaved(jobs, len(offsets))
         out.update({f"{n}_rand4k_first": r for n, r in rates.items()})
         return out
     finally:
@@ -193,7 +197,7 @@ def main() -> None:
     ap.add_argument("--no-strict", action="store_true", help="skip the strict-mode figures")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    size = max(SLICE, parse_size(args.size) // SLICE * SLICE)
+    size = max(MIB, parse_size(args.size) // MIB * MIB)
     root = Path(tempfile.mkdtemp(prefix="snapimg-bench-", dir=args.dir))
     res: dict[str, Any] = {"size": size, "block_size": BS, "repeat": args.repeat}
     try:

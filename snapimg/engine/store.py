@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import struct
 import threading
 import uuid
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapimg.engine import records
-from snapimg.engine.origin import FALLOC_FL_KEEP_SIZE, fallocate, write_zeroes_fd
+from snapimg.engine.origin import fallocate, write_zeroes_fd
 from snapimg.engine.slots import SlotAllocator, merge_slots
 from snapimg.errors import StoreError, StoreFormatError
 
@@ -115,18 +116,29 @@ def read_store(path: Path, same_boot: bool) -> Loaded | None:
     # A killed process leaves at most one torn append at the end of the log, so an
     # intact record after the first bad one means corruption, unless the host went down
     # (then unsynced log pages may be missing in any order).
-    if same_boot and _intact_record_after(view, pos + 1):
+    if same_boot and _intact_record_after(buf, pos + 1):
         raise StoreFormatError(f"store {meta} is corrupted (bad log record at byte {pos})")
     bs = header.block_size
     data_slots = (os.stat(data).st_size + bs - 1) // bs
     return Loaded(header, checkpoint, tail, data_slots)
 
 
-def _intact_record_after(view: memoryview, start: int, scan: int = 1 << 20) -> bool:
-    for pos in range(start, min(len(view), start + scan)):
-        if view[pos] and records.decode_at(view, pos) is not None:
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def _intact_record_after(buf: bytes, start: int, scan: int = 1 << 20) -> bool:
+    """Whether an intact record starts somewhere in ``buf[start:start+scan]``."""
+    view = memoryview(buf)
+    end = min(len(buf), start + scan)
+    pos = start
+    while True:
+        m = _NONZERO.search(buf, pos, end)  # zero runs (reserved log space) skipped in C
+        if m is None:
+            return False
+        pos = m.start()
+        if records.decode_at(view, pos) is not None:
             return True
-    return False
+        pos += 1
 
 
 class Store:
@@ -316,8 +328,8 @@ class FileStore(Store):
         space skip the file system's block allocation, which stalls under load."""
         start = self._data_reserved * self.block_size
         want = max(self.slots.end * self.block_size - start, DATA_RESERVE)
-        try:
-            fallocate(self.data_fd, FALLOC_FL_KEEP_SIZE, start, want)
+        try:  # with the file size: writes inside it need no metadata update
+            fallocate(self.data_fd, 0, start, want)
         except OSError:
             return  # no space: the copy itself then fails and the policy applies
         self._data_reserved = (start + want) // self.block_size
@@ -353,8 +365,8 @@ class FileStore(Store):
         """Keep space allocated beyond the log end, so that recording an invalidation
         still works when the file system is full."""
         want = self.log_end + LOG_RESERVE
-        try:
-            fallocate(self.meta_fd, FALLOC_FL_KEEP_SIZE, self.log_end, LOG_RESERVE)
+        try:  # the file size grows too: appends then never change it (no journal work)
+            fallocate(self.meta_fd, 0, self.log_end, LOG_RESERVE)
             self._reserved = want
         except OSError:
             pass

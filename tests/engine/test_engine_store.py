@@ -284,7 +284,7 @@ def test_corrupted_log_record(tmp_path: Path, image: tuple[Path, bytes]) -> None
     eng = Engine.open(store, {"disk": path})
     eng.create_snapshot("disk", "s")
     meta = store / "store.meta"
-    start = meta.stat().st_size
+    start = eng.store.log_end  # type: ignore[attr-defined]
     for b in range(5):
         eng.origin_device("disk").pwrite(b * BS, b"w")
     eng.store.close()  # abandoned like a killed process: the log is not checkpointed
@@ -304,10 +304,12 @@ def test_torn_log_tail_is_cut(tmp_path: Path, image: tuple[Path, bytes]) -> None
     eng = Engine.open(store, {"disk": path})
     eng.create_snapshot("disk", "s")
     eng.origin_device("disk").pwrite(0, b"w")
+    end = eng.store.log_end  # type: ignore[attr-defined]
     eng.store.close()
     for o in eng.origins.values():
         o.file.close()
-    with open(store / "store.meta", "ab") as f:
+    with open(store / "store.meta", "r+b") as f:
+        f.seek(end)
         f.write(b"\x30\x00\x00\x00\x05partial")  # a record the kill cut short
     with Engine.open(store, {"disk": path}) as eng:
         assert eng.snapshot_device("disk", "s").pread(0, len(orig)) == orig
