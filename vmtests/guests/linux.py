@@ -29,7 +29,7 @@ from vmtests.ssh import ClientKey, HostKey, Result, SshSession
 
 BUILD_SCRIPT = REPO / "images" / "linux" / "build.py"
 MEMORY_MB = 384
-BOOT_TIMEOUT = 90.0
+BOOT_TIMEOUT = 180.0  # a dead or paused VM fails at once; this only bounds a slow one
 BUILD_TIMEOUT = 900.0
 # Failures worth stopping the wait for SSH at once (QEMU pauses on KVM internal errors).
 BAD_RUNSTATES = {"internal-error", "guest-panicked", "shutdown", "io-error"}

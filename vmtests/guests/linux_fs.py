@@ -4,7 +4,8 @@ The writer (run in the writer VM on the origin's ext4) loops over operations; op
 writes fresh random data to ``data/.tmp`` and fsyncs it, appends ``pending NAME SHA256`` to
 ``manifest`` and fsyncs that, renames the file over ``data/fNN`` and fsyncs the directory, then
 appends ``done NAME SHA256`` and fsyncs again.  The first ``FILES`` operations create files,
-later ones rewrite them.  ``/tmp/progress`` holds the number of completed operations.
+later ones rewrite them.  ``/tmp/progress`` holds the number of completed operations (and
+``stopped`` once ``/tmp/stop`` made the writer finish and unmount).
 
 Crash-consistency argument (what a point-in-time snapshot must satisfy after journal replay):
 a ``done`` line can only be on disk after its file's rename was durable, and the rename is
@@ -37,13 +38,16 @@ find_disk() {
 def writer_script(files: int) -> str:
     return FIND_DISK + f"""
 set -e
+# replaced, never rewritten in place: a reader must not see it empty
+report() {{ echo "$1" >/tmp/progress.new; mv /tmp/progress.new /tmp/progress; }}
+trap 'report "failed (exit $?)"' EXIT
 dev=$(find_disk)
 mount -t ext4 "$dev" {MOUNT}
 cd {MOUNT}
 mkdir -p data
 sync . data
 i=0
-echo 0 >/tmp/progress
+report 0
 while [ ! -e /tmp/stop ]; do
     i=$((i + 1))
     name=data/f$((i % {files}))
@@ -55,11 +59,12 @@ while [ ! -e /tmp/stop ]; do
     sync data
     echo "done $name $sum" >>manifest
     sync manifest
-    echo $i >/tmp/progress
+    report $i
 done
 cd /
 umount {MOUNT}
-echo stopped >/tmp/progress
+trap - EXIT
+report stopped
 """
 
 

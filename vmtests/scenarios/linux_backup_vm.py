@@ -6,7 +6,8 @@ a writer VM (Linux, over SSH) runs the manifest workload of :mod:`vmtests.guests
 export over NBD while the writer keeps writing; a backup VM boots with the snapshot on the same
 controller, hashes the whole device (must equal the host's hash), runs ``e2fsck -fy`` (journal
 replay lands in the writable snapshot, never the origin), mounts it and verifies every file the
-manifest lists.  Both VMs run under QEMU directly or as libvirt domains (``driver``).
+manifest lists; the origin must come out of this unchanged, and clean for ``e2fsck -fn``.
+Both VMs run under QEMU directly or as libvirt domains (``driver``).
 
 ``libvirt_pull_backup`` (scenario 4): the same writer on a libvirt VM whose disk is a plain raw
 file; libvirt's own backup API (virDomainBackupBegin, pull mode) exports a point-in-time view,
@@ -122,8 +123,11 @@ async def start_writer(guest: LinuxGuest) -> None:
 
 async def stop_writer(guest: LinuxGuest) -> None:
     """Let the writer finish its operation, unmount, and flush: the origin ends clean."""
-    await guest.run("touch /tmp/stop; while [ \"$(cat /tmp/progress)\" != stopped ]; "
-                    "do sleep 0.1; done; sync", timeout=60)
+    await guest.run("touch /tmp/stop; while grep -q '^[0-9]' /tmp/progress; do sleep 0.1; done; "
+                    "sync; cat /tmp/progress", timeout=60)
+    state = await guest.run("cat /tmp/progress /tmp/bg.log", timeout=15)
+    if not state.stdout.startswith("stopped"):
+        raise VmError(f"writer did not stop cleanly: {state.stdout.strip()[-300:]}")
 
 
 async def check_in_backup_vm(guest: LinuxGuest, host_sha256: str, before: int, after: int,
@@ -206,10 +210,23 @@ async def writer_and_backup_vm(settings: Settings, factory: VmFactory, controlle
             await wait_progress(writer, after + OPS_AFTER_SNAPSHOT)
             host_sha = await host_read(uri, outcome)   # while the writer keeps writing
             await stop_writer(writer)
+        origin_sha = await nbd_sha256(server.uri("origin"))
         async with booted(factory, controller, "backup", snapshot_disk, settings, workdir,
                           log_dir, outcome) as backup:
             await check_in_backup_vm(backup, host_sha, before, after, outcome)
+        outcome.check(await nbd_sha256(server.uri("origin")) == origin_sha,
+                      "the backup VM's fsck and mount changed the origin")
+    await check_origin_clean(origin, outcome)
     return outcome
+
+
+async def check_origin_clean(origin: Path, outcome: Outcome) -> None:
+    """The writer unmounted: the origin's ext4 must be clean for a read-only e2fsck."""
+    proc = await asyncio.to_thread(subprocess.run, ["e2fsck", "-fn", str(origin)],
+                                   capture_output=True, text=True, timeout=120)
+    outcome.facts["origin_e2fsck_status"] = proc.returncode
+    outcome.check(proc.returncode == 0,
+                  f"e2fsck -fn of the origin exited {proc.returncode}: {proc.stdout[-200:]!r}")
 
 
 async def libvirt_pull_backup(settings: Settings, daemon: Libvirtd, controller: Controller,
@@ -238,6 +255,7 @@ async def libvirt_pull_backup(settings: Settings, daemon: Libvirtd, controller: 
         finally:
             await asyncio.to_thread(domain.abortJob)
         await stop_writer(writer)
+    await check_origin_clean(origin, outcome)
     async with booted(factory, controller, "backup", FileDisk(copy), settings, workdir,
                       log_dir, outcome) as backup:
         await check_in_backup_vm(backup, host_sha, before, after, outcome)
