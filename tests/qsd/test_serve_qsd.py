@@ -86,6 +86,14 @@ def test_killed_serve_takes_the_daemon_along_and_a_restart_works(short_tmp: Path
                                   "--control", str(short_tmp / "ctl.sock"), "disk@w", *opts],
                                  capture_output=True, text=True, check=False)
             assert cli.returncode == 1 and cli.stderr.count("\n") == 1 and msg in cli.stderr
+        ctl = str(short_tmp / "ctl.sock")
+        subprocess.run([sys.executable, "-m", "snapimg.cli.main", "snapshot", "create",
+                        "--control", ctl, "disk@r"], check=True, capture_output=True)
+        cli = subprocess.run([sys.executable, "-m", "snapimg.cli.main", "snapshot", "release",
+                              "--control", ctl, "--offset", "0", "--length", "64K", "disk@r"],
+                             capture_output=True, text=True, check=False)
+        assert cli.returncode == 1 and cli.stderr.count("\n") == 1
+        assert "release is not supported by the qsd backend" in cli.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
