@@ -29,10 +29,20 @@ def wait_ready(proc: subprocess.Popen[str]) -> None:
 
 
 def daemon_pid(serve_pid: int) -> int:
-    out = subprocess.run(["pgrep", "-P", str(serve_pid), "-f", "qemu-storage-daemon"],
-                         capture_output=True, text=True, check=False).stdout.split()
-    assert len(out) == 1, f"expected one qemu-storage-daemon child of {serve_pid}: {out}"
-    return int(out[0])
+    """The qemu-storage-daemon child of ``serve_pid`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == serve_pid and cmd.endswith(b"qemu-storage-daemon"):
+            found.append(int(entry.name))
+    assert len(found) == 1, f"expected one qemu-storage-daemon child of {serve_pid}: {found}"
+    return found[0]
 
 
 def gone(pid: int, timeout: float = 10) -> bool:
