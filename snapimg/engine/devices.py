@@ -46,6 +46,7 @@ class OriginDevice:
 
     def pread(self, offset: int, length: int) -> bytes:
         self._engine._check_range(self.size, offset, length)
+        self._engine.check_io()
         return self._o.file.pread(offset, length)
 
     def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
@@ -63,11 +64,13 @@ class OriginDevice:
             self._engine._check_range(self.size, offset, length)
 
     def flush(self) -> None:
+        self._engine.check_io()
         self._engine._sync_store()
         self._o.file.datasync()
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         self._engine._check_range(self.size, offset, length)
+        self._engine.check_io()
         return self._o.file.extents(offset, length)
 
 
@@ -119,12 +122,14 @@ class SnapshotDevice:
         self._engine.snap_release(self._o, self._s, offset, length)
 
     def flush(self) -> None:
+        self._engine.check_io()
         self._engine._sync_store()
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Preserved (and private) blocks are data; the rest is the origin's state."""
         eng = self._engine
         eng._check_range(self.size, offset, length)
+        eng.check_io()
         eng._check_valid(self._s)
         if not length:
             return []

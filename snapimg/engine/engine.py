@@ -295,6 +295,11 @@ class Engine:
         if self._closed:
             raise SnapshotError("engine is closed")
 
+    def check_io(self) -> None:
+        """I/O on a device of a closed engine is refused (EIO)."""
+        if self._closed:
+            raise DeviceError("the engine is closed")
+
     def _sync_store(self) -> None:
         try:
             self.store.sync()
@@ -303,8 +308,9 @@ class Engine:
 
     @staticmethod
     def _check_valid(s: SnapshotState) -> None:
-        if not s.valid:
-            raise SnapshotInvalidError(f"snapshot {s.origin}@{s.name} is invalid: {s.reason}")
+        if not s.valid or s.dropped:
+            why = "was dropped" if s.dropped else f"is invalid: {s.reason}"
+            raise SnapshotInvalidError(f"snapshot {s.origin}@{s.name} {why}")
 
     def _check_range(self, size: int, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > size:
@@ -323,7 +329,7 @@ class Engine:
         barrier.acquire_shared()
         try:
             if self._closed:
-                self._check_open()
+                self.check_io()
             if o.index.live:
                 bs = self.block_size
                 self._preserve(o, offset // bs, (offset + n - 1) // bs + 1)
@@ -344,7 +350,7 @@ class Engine:
             return
         bs = self.block_size
         with self._barrier.shared():
-            self._check_open()
+            self.check_io()
             if o.index.live:
                 self._preserve(o, offset // bs, (offset + length - 1) // bs + 1)
             o.file.write_zeroes(offset, length, punch)
@@ -450,6 +456,7 @@ class Engine:
         barrier = self._barrier
         barrier.acquire_shared()
         try:
+            self.check_io()
             self._check_valid(s)
             if s.released and s.released.overlaps(b0, b1):
                 raise ReleasedRangeError(
@@ -542,6 +549,7 @@ class Engine:
         view = memoryview(data)
         lock = self._snap_locks.setdefault((o.entry.name, s.gen), threading.Lock())
         with self._barrier.shared(), lock:
+            self.check_io()
             self._check_valid(s)
             b0, b1 = offset // bs, (offset + n - 1) // bs + 1
             if s.released and s.released.overlaps(b0, b1):

@@ -153,7 +153,9 @@ class OriginIndex:
 
     def drop(self, gen: int) -> list[int]:
         snap = self.snaps.pop(gen)
-        return self._retire(snap)
+        freed = self._retire(snap)
+        snap.dropped = True
+        return freed
 
     def invalidate(self, gen: int, reason: str, when: float) -> list[int]:
         snap = self.snaps[gen]

@@ -59,6 +59,7 @@ class SnapshotState:
     preserved: int = 0  # blocks of the store it reads (shared copies + private blocks)
     released: IntervalSet = field(default_factory=IntervalSet)
     private: dict[int, int] = field(default_factory=dict)  # block -> slot
+    dropped: bool = False  # devices made before the drop then refuse I/O
 
     def excludes(self, block: int) -> bool:
         """True when origin writes to ``block`` need no copy for this snapshot."""

@@ -10,10 +10,12 @@ from enginetest_util import BS
 from snapimg.blockdev import BlockDevice, Extent
 from snapimg.engine import Engine
 from snapimg.errors import (
+    DeviceError,
     OutOfRangeError,
     ReadOnlyError,
     ReleasedRangeError,
     SnapshotError,
+    SnapshotInvalidError,
     UsageError,
 )
 
@@ -161,3 +163,24 @@ def test_writable_snapshot(image: tuple[Path, bytes], store_dir: Path | None) ->
         assert path.read_bytes() == orig  # the origin never changes because of it
         eng.origin_device("disk").pwrite(0, b"o" * (2 * BS))
         assert snap.pread(0, len(orig)) == bytes(want)
+
+
+def test_devices_after_drop_and_close(image: tuple[Path, bytes], store_dir: Path | None) -> None:
+    path, orig = image
+    eng = Engine.open(store_dir, {"disk": path})
+    eng.create_snapshot("disk", "s")
+    snap = eng.snapshot_device("disk", "s")
+    origin = eng.origin_device("disk")
+    eng.drop_snapshot("disk", "s")
+    with pytest.raises(SnapshotInvalidError, match="dropped"):
+        snap.pread(0, 1)
+    eng.create_snapshot("disk", "s")  # the name is free again; the old device stays dead
+    with pytest.raises(SnapshotInvalidError):
+        snap.pread(0, 1)
+    assert eng.snapshot_device("disk", "s").pread(0, 4) == orig[:4]
+    eng.close()
+    eng.close()  # idempotent
+    with pytest.raises(DeviceError):
+        origin.pwrite(0, b"x")
+    with pytest.raises(DeviceError):
+        origin.pread(0, 1)
