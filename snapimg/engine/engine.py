@@ -139,16 +139,13 @@ class Engine:
         store.lock()
         try:
             state = StoreState(block_size)
-            loaded = read_store(path, same_boot=True)
+            loaded = read_store(path, boot_id=boot)
             if loaded is not None:
                 hdr = loaded.header
                 if hdr.block_size != block_size:
                     raise StoreMismatchError(
                         f"store {path} uses block size {hdr.block_size}, not {block_size}"
                     )
-                if not hdr.clean and hdr.boot_id != boot:
-                    loaded = read_store(path, same_boot=False)
-                    assert loaded is not None
                 for rec in loaded.checkpoint:
                     state.apply(rec)
                 _check_identity(path, state, files)

@@ -83,8 +83,11 @@ class Loaded:
     data_slots: int
 
 
-def read_store(path: Path, same_boot: bool) -> Loaded | None:
-    """Parse the store in ``path`` (None when there is none yet)."""
+def read_store(path: Path, same_boot: bool = True, boot_id: str | None = None) -> Loaded | None:
+    """Parse the store in ``path`` (None when there is none yet), changing nothing.
+
+    ``same_boot``: the store was last open in this boot (a bad log record followed by
+    intact ones is then corruption); with ``boot_id`` given, the header decides."""
     meta, data = path / META, path / DATA
     if not meta.exists():
         if data.exists():
@@ -92,6 +95,8 @@ def read_store(path: Path, same_boot: bool) -> Loaded | None:
         return None
     buf = meta.read_bytes()
     header = Header.decode(buf[:HEADER_SIZE], meta)
+    if boot_id is not None:
+        same_boot = header.clean or header.boot_id == boot_id
     if not data.exists():
         raise StoreFormatError(f"store {path} has no {DATA}")
     cp_end = HEADER_SIZE + header.checkpoint_len
