@@ -81,6 +81,9 @@ def test_killed_serve_takes_the_daemon_along_and_a_restart_works(short_tmp: Path
     try:
         wait_ready(proc)
         qsd = daemon_pid(proc.pid)
+        cmdline = Path(f"/proc/{qsd}/cmdline").read_bytes().decode()
+        killed_rundir = Path(cmdline.split("path=")[1].split(",")[0]).parent
+        assert (killed_rundir / "owner.pid").read_text().strip() == str(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert gone(qsd), "qemu-storage-daemon outlived snapimg serve"
@@ -90,6 +93,7 @@ def test_killed_serve_takes_the_daemon_along_and_a_restart_works(short_tmp: Path
     try:
         wait_ready(proc)
         qemu_io(f"nbd+unix:///disk?socket={short_tmp / 'nbd.sock'}", "read -P 0x11 0 1M")
+        assert not killed_rundir.exists(), "the killed server's run dir was not cleaned up"
         for opts, msg in ((["--writable"], "writable snapshots are not supported"),
                           (["--max-size", "4K"], "below one block")):
             cli = subprocess.run([sys.executable, "-m", "snapimg.cli.main", "snapshot", "create",

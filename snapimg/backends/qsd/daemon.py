@@ -22,6 +22,8 @@ from snapimg.errors import QemuError
 
 QSD_BINARY = "qemu-storage-daemon"
 PR_SET_PDEATHSIG = 1
+RUNDIR_PREFIX = "snapimg-qsd-"
+OWNER_FILE = "owner.pid"   # the snapimg process the run dir belongs to
 
 
 class Daemon:
@@ -41,7 +43,9 @@ class Daemon:
     async def start(cls, *, binary: str = QSD_BINARY, timeout: float = 10.0) -> Daemon:
         if shutil.which(binary) is None:
             raise QemuError(f"{binary} not found (install the qemu-system-x86/qemu-utils packages)")
-        rundir = Path(tempfile.mkdtemp(prefix="snapimg-qsd-"))
+        _remove_orphaned_rundirs()
+        rundir = Path(tempfile.mkdtemp(prefix=RUNDIR_PREFIX))
+        (rundir / OWNER_FILE).write_text(f"{os.getpid()}\n")
         qmp_path = rundir / "qmp.sock"
         log = (rundir / "stderr.log").open("wb")
         try:
@@ -107,6 +111,18 @@ class Daemon:
         await self.qmp.close()
         await self._watch
         shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def _remove_orphaned_rundirs() -> None:
+    """Remove run dirs of snapimg processes that were killed (their daemon died with them)."""
+    for rundir in Path(tempfile.gettempdir()).glob(f"{RUNDIR_PREFIX}*"):
+        try:
+            owner = int((rundir / OWNER_FILE).read_text())
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(rundir, ignore_errors=True)
+        except (OSError, ValueError):
+            continue        # not ours to judge: unreadable, or another user's process
 
 
 def _die_with_parent() -> None:
