@@ -27,8 +27,8 @@ from snapimg.errors import BackupError
 
 Range = tuple[int, int]
 
-REQUEST_SIZE = 4 << 20
-DEPTH = 8
+REQUEST_SIZE = 2 << 20
+DEPTH = 16
 _STATUS_MAX = 1 << 30
 
 
@@ -155,13 +155,11 @@ def copy_ranges(src: NbdSource, fd: int, ranges: list[Range], *, hash_stream: bo
     pieces = plan(src, ranges, request_size)
     if progress is not None:
         progress.total = sum(p.length for p in pieces if not p.zero)
-    # Buffers are reused (fresh ones cost a page fault per 4 KiB): a buffer goes
-    # free -> read in flight -> written -> verifier -> free.
-    nbufs = 3 * depth
-    pool = [bytearray(request_size) for _ in range(nbufs)]
+    # Buffers are reused (fresh ones cost a page fault per 4 KiB) and made only when
+    # needed: a buffer goes free -> read in flight -> written -> verifier -> free.
+    nbufs = 2 * depth
+    pool: list[bytearray] = []
     free: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for i in range(nbufs):
-        free.put(i)
     result = CopyResult()
     verifier = ReadBackVerifier(fd, hash_stream=hash_stream, max_chunk=request_size,
                                 depth=nbufs + 1)
@@ -172,13 +170,16 @@ def copy_ranges(src: NbdSource, fd: int, ranges: list[Range], *, hash_stream: bo
             while issue < len(pieces) and len(copier.inflight) < depth:
                 p = pieces[issue]
                 if not p.zero:
-                    if copier.inflight or emit < issue:
-                        try:
-                            slot = free.get_nowait()
-                        except queue.Empty:
+                    try:
+                        slot = free.get_nowait()
+                    except queue.Empty:
+                        if len(pool) < nbufs:
+                            pool.append(bytearray(request_size))
+                            slot = len(pool) - 1
+                        elif copier.inflight or emit < issue:
                             break
-                    else:  # nothing else can make progress: wait for the verifier
-                        slot = free.get()
+                        else:  # nothing else can make progress: wait for the verifier
+                            slot = free.get()
                     copier.start(issue, slot)
                 issue += 1
             while emit < issue:
