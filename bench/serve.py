@@ -154,12 +154,17 @@ def snapread(uri: str, size: int) -> float:
 
 
 def measure(serve: Callable[[], object], work: Path, size: int, runtime: int) -> dict[str, float]:
+    # os.sync() before each workload: dirty pages of the previous run are written back
+    # first instead of throttling whichever writer comes next.
     out: dict[str, float] = {}
     with serve() as (origin, snap):  # type: ignore[attr-defined]
+        os.sync()
         out["seq1m"] = seq1m(origin, size)
         if snap:
+            os.sync()
             out["snapread"] = snapread(snap, size)
     with serve() as (origin, _):  # type: ignore[attr-defined]
+        os.sync()
         out["rand4k"] = rand4k(origin, size, runtime)
     return out
 
