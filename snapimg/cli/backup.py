@@ -17,7 +17,7 @@ from snapimg.backup.job import run_backup
 from snapimg.backup.restore import restore
 from snapimg.backup.sources import ControlSource, LibvirtSource, QmpSource, SnapshotSource
 from snapimg.cli.attach import default_store_dir
-from snapimg.errors import UsageError
+from snapimg.errors import SnapimgError, UsageError
 from snapimg.units import format_size
 
 
@@ -60,7 +60,11 @@ def _snap_of(origin: str, text: str, flag: str) -> str:
     return snap
 
 
+_signalled: list[int] = []
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
+    _signalled.append(signum)
     raise KeyboardInterrupt
 
 
@@ -90,9 +94,15 @@ def _backup(args: argparse.Namespace) -> int:
         source = QmpSource(args.qmp, args.device, default_store_dir().absolute())
     else:
         source = ControlSource(args.control)
-    signal.signal(signal.SIGTERM, _terminate)  # unwind: drop the snapshot, remove temp files
-    result = run_backup(source, origin, args.to, since=since, keep=keep,
-                        progress=False if args.json else None)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # unwind: drop the snapshot, remove temp files
+        signal.signal(sig, _terminate)
+    try:
+        result = run_backup(source, origin, args.to, since=since, keep=keep,
+                            progress=False if args.json else None)
+    except SnapimgError:
+        if _signalled:  # e.g. a read that failed with EINTR: report the signal, not that
+            raise KeyboardInterrupt from None
+        raise
     if result.notice:
         print(f"snapimg backup: notice: {result.notice}", file=sys.stderr)
     if args.json:
