@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import threading
 from pathlib import Path
 
 import nbd
@@ -221,3 +222,30 @@ def test_socket_mode_and_stale_socket(tmp_path: Path, disk: Path) -> None:
         h.shutdown()
     assert not sock.exists()
     dev.close()
+
+
+def test_many_concurrent_clients(server: Server) -> None:
+    st, _ = server
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            h = connect(st, "disk")
+            data = bytes([i + 1]) * 65536
+            for _ in range(5):
+                h.pwrite(data, i * 65536)
+                assert h.pread(65536, i * 65536) == data
+            h.shutdown()
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(48)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    h = connect(st, "disk")
+    for i in range(48):
+        assert h.pread(1, i * 65536 + 65535) == bytes([i + 1])
+    h.shutdown()
