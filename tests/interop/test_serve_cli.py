@@ -78,7 +78,12 @@ def test_lifecycle_restart_and_sockets(tmp_path: Path, serve: Callable[..., Serv
     assert "disk@before" in s2.ready_line
     qemu_io(s2.uri("disk@before"), "read -P 0x11 0 16M", read_only=True)
     qemu_io(s2.uri("disk"), "read -P 0x22 1M 3M")
+    reader = nbd.NBD()  # a client of the snapshot when it is dropped is disconnected
+    reader.connect_uri(s2.uri("disk@before"))
+    assert reader.pread(4, 0) == b"\x11" * 4
     snapimg("snapshot", "drop", "--control", s2.control, "disk@before")
+    with pytest.raises(nbd.Error):
+        reader.pread(4, 0)
     assert json.loads(snapimg("snapshot", "list", "--control", s2.control, "--json").stdout) == []
     proc = run("qemu-io", "-f", "raw", "-r", "-c", "read 0 4k", s2.uri("disk@before"), check=False)
     assert proc.returncode != 0 or "fail" in (proc.stdout + proc.stderr).lower()
