@@ -48,10 +48,10 @@ class Input:
         self.start += n
         return data
 
-    def read_large(self, n: int) -> bytearray:
+    def read_large(self, n: int) -> bytes | bytearray:
         """Exactly ``n`` bytes of any size, received mostly straight into the result."""
         if n <= len(self.buf) // 4:
-            return bytearray(self.read(n))
+            return self.read(n)
         out = bytearray(n)
         view = memoryview(out)
         have = min(n, self.end - self.start)
