@@ -166,7 +166,7 @@ def test_block_writes_fails_the_writer_and_keeps_the_snapshot_exact(short_tmp: P
     run_async(main)
 
 
-def test_invalidate_keeps_the_writer_going_and_removes_the_snapshot(short_tmp: Path) -> None:
+def test_invalidate_keeps_the_writer_going_and_the_snapshot_answers_eio(short_tmp: Path) -> None:
     async def main() -> None:
         b = await serve(short_tmp, size=8 * MiB, patterns=[(0x51, 0, 8 * MiB)])
         origin = b.uri("disk")
@@ -177,13 +177,22 @@ def test_invalidate_keeps_the_writer_going_and_removes_the_snapshot(short_tmp: P
             qemu_io(origin, "read -P 0x52 0 2M")
             [info] = await b.list_snapshots()
             assert not info.valid and info.reason and "max size" in info.reason
-            qemu_io(b.uri("disk@s"), "read 0 64k", expect_fail=True)
-            assert await b.qmp.node_names() == set(b.origins["disk"].node_names())
+            # The export stays but answers EIO, never data; its fleecing graph is gone.
+            out = qemu_io(b.uri("disk@s"), "read 0 64k", expect_fail=True)
+            assert "Input/output error" in out
+            assert "disk@s" in {e.name for e in await b.exports()}
+            origin_nodes = set(b.origins["disk"].node_names())
+            nodes = await b.qmp.node_names()
+            assert nodes - origin_nodes == {n for n in nodes if n.endswith(("-dead", "-dbg",
+                                                                          "-null"))}
+            assert await b.qmp.execute("query-block-jobs") == []
             assert not list((short_tmp / "store").glob("*.qcow2"))
             with pytest.raises(SnapshotError, match="invalid"):
                 await b.changed_ranges("disk", "s")
             await b.drop_snapshot("disk", "s")
             assert await b.list_snapshots() == []
+            assert await b.qmp.node_names() == origin_nodes
+            assert await b.qmp.export_ids() == {b.origins["disk"].export_id}
         finally:
             await b.close()
 
@@ -204,14 +213,18 @@ def test_restart_reports_lost_snapshots_and_clean_stop_leaves_nothing(short_tmp:
             [info] = await b.list_snapshots()
             assert info.name == "disk@s" and not info.valid
             assert info.reason is not None and "do not survive a restart" in info.reason
-            assert "disk@s" not in {e.name for e in await b.exports()}
+            assert "disk@s" in {e.name for e in await b.exports()}
+            out = qemu_io(b.uri("disk@s"), "read 0 64k", expect_fail=True)
+            assert "Input/output error" in out
             with pytest.raises(SnapshotError, match="already exists"):
                 await b.create_snapshot("disk", "s", max_size=None, writable=False,
                                         on_full="invalidate")
             await b.drop_snapshot("disk", "s")
+            assert await b.qmp.node_names() == set(b.origins["disk"].node_names())
             await b.create_snapshot("disk", "s", max_size=None, writable=False,
                                     on_full="invalidate")
             assert (await b.list_snapshots())[0].valid
+            qemu_io(b.uri("disk@s"), "read -P 0x61 0 1M")
         finally:
             await b.close()
 
@@ -319,9 +332,11 @@ def test_a_fleecing_job_that_ends_behind_snapimgs_back_is_reported_invalid(
             await b.qmp.execute("block-job-cancel", {"device": job["device"], "force": True})
             [info] = await b.list_snapshots()
             assert not info.valid and info.reason == "the QEMU fleecing job ended on its own"
+            qemu_io(b.uri("disk@s"), "read 0 64k", expect_fail=True)
+            qemu_io(b.uri("disk"), "write -P 0x72 0 64k")     # the origin still works
+            await b.drop_snapshot("disk", "s")
             assert await b.qmp.node_names() == set(b.origins["disk"].node_names())
             assert await b.qmp.export_ids() == {b.origins["disk"].export_id}
-            qemu_io(b.uri("disk"), "write -P 0x72 0 64k")     # the origin still works
         finally:
             await b.close()
 

@@ -190,6 +190,8 @@ def test_overflow_under_both_policies(server: Server) -> None:
     assert bw["state"] == "valid" and bw["reason"] is None and bw["max_size"] == MiB
     assert bw["on_full"] == "block-writes" and inv["on_full"] == "invalidate"
     assert inv["state"] == "invalid" and inv["reason"]
+    out = qemu_io(server.uri("third@inv"), "read 0 64k", expect_fail=True)
+    assert "Input/output error" in out                    # both backends answer EIO
     check_exact(server, "other@bw", ref, [(0, 0x10000)])
     proc = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
                            server.uri("third@inv"), str(server.tmp / "inv.img")],
@@ -212,7 +214,8 @@ def test_restart_and_teardown(server: Server) -> None:
     else:                                               # documented: qsd snapshots are lost
         assert info["state"] == "invalid"
         assert "do not survive a restart" in info["reason"]
-        assert "disk@s" not in server.export_names()
+        out = qemu_io(server.uri("disk@s"), "read 0 64k", expect_fail=True)
+        assert "Input/output error" in out                # an error, never stale data
     server.drop("disk@s")
     assert server.list() == {}
     assert server.export_names() == {"disk", "other", "third"}

@@ -42,7 +42,8 @@ LOST_REASON = "qemu-storage-daemon stopped: qsd snapshots do not survive a resta
 @dataclass
 class _Snapshot:
     info: SnapshotInfo
-    nodes: SnapshotNodes | None          # None once invalid (everything in QEMU removed)
+    nodes: SnapshotNodes | None          # None once invalid (its graph in QEMU removed)
+    dead_key: str | None = None          # invalid: key of the export that answers EIO
 
 
 class QsdBackend:
@@ -110,6 +111,8 @@ class QsdBackend:
             if info.valid:
                 info = replace(info, valid=False, reason=LOST_REASON)
             self._snaps[(info.origin, info.snap)] = _Snapshot(info, None)
+            if info.origin in self.origins:
+                await self._kill_export(info.origin, info.snap)
         self._save()
         self._watcher = asyncio.create_task(self._watch())
 
@@ -125,9 +128,12 @@ class QsdBackend:
             for o in self.origins.values()
         ]
         for s in self._snaps.values():
+            name = s.info.name
             if s.nodes is not None:
-                name = s.info.name
                 out.append(ExportInfo(name, sizes[s.nodes.target], True, self.uri(name)))
+            elif s.dead_key is not None:
+                size = sizes[f"{s.dead_key}-dead"]
+                out.append(ExportInfo(name, size, True, self.uri(name)))
         return out
 
     async def create_snapshot(
@@ -171,9 +177,12 @@ class QsdBackend:
     async def drop_snapshot(self, origin: str, snap: str) -> None:
         async with self._lock:
             s = self._snap(origin, snap)
-            if s.nodes is not None:
+            if s.nodes is not None or s.dead_key is not None:
                 self._check_alive()
+            if s.nodes is not None:
                 await self._unplug(s.nodes)
+            if s.dead_key is not None:
+                await graph.remove_dead_export(self.qmp, s.dead_key)
             del self._snaps[(origin, snap)]
             self._save()
 
@@ -207,6 +216,10 @@ class QsdBackend:
         async with self._lock:
             alive = not self.daemon.dead
             for key, s in list(self._snaps.items()):
+                if s.dead_key is not None and alive:
+                    with contextlib.suppress(QemuError):
+                        await graph.remove_dead_export(self.qmp, s.dead_key)
+                    self._snaps[key] = _Snapshot(s.info, None)
                 if s.nodes is None:
                     continue
                 if alive:
@@ -232,6 +245,13 @@ class QsdBackend:
             if n["node-name"] == name:
                 return dict(n)
         raise QemuError(f"block node {name} not found in qemu-storage-daemon")
+
+    async def _kill_export(self, origin: str, snap: str) -> None:
+        """Give invalid snapshot ``origin@snap`` an export whose reads fail with EIO."""
+        size = int((await self._node(self.origins[origin].fmt))["image"]["virtual-size"])
+        key = self._key("x")
+        await graph.add_dead_export(self.qmp, key, f"{origin}@{snap}", size)
+        self._snaps[(origin, snap)].dead_key = key
 
     async def _unplug(self, nodes: SnapshotNodes) -> None:
         await graph.remove_snapshot(self.qmp, nodes)
@@ -265,6 +285,7 @@ class QsdBackend:
                 continue
             await self._unplug(s.nodes)
             self._snaps[key] = _Snapshot(replace(info, valid=False, reason=reason), None)
+            await self._kill_export(*key)
             changed = True
         if changed:
             self._save()

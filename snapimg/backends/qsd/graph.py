@@ -249,3 +249,37 @@ async def _del_nodes(qmp: Qmp, names: Iterable[str]) -> None:
     for name in names:
         if name in present:
             await qmp.execute("blockdev-del", {"node-name": name})
+
+
+def dead_node_names(key: str) -> list[str]:
+    """The nodes of an invalid snapshot's export, parents first."""
+    return [f"{key}-dead", f"{key}-dbg", f"{key}-null"]
+
+
+async def add_dead_export(qmp: Qmp, key: str, export_name: str, size: int) -> None:
+    """Export ``export_name`` read-only on a node whose every read fails with EIO.
+
+    An invalid snapshot keeps its export, as with the native backend, but serves errors,
+    never data: raw -> blkdebug (inject EIO on each read) -> null-co of the origin's size.
+    """
+    await qmp.execute("blockdev-add", {
+        "driver": "raw", "node-name": f"{key}-dead", "read-only": True,
+        "file": {
+            "driver": "blkdebug", "node-name": f"{key}-dbg",
+            "inject-error": [{"event": "read_aio", "errno": 5}],
+            "image": {"driver": "null-co", "node-name": f"{key}-null", "size": size},
+        },
+    })
+    try:
+        await qmp.execute("block-export-add", {
+            "type": "nbd", "id": f"{key}-exp", "node-name": f"{key}-dead",
+            "name": export_name, "writable": False,
+        })
+    except QemuError:
+        await _del_nodes(qmp, [f"{key}-dead"])
+        raise
+
+
+async def remove_dead_export(qmp: Qmp, key: str) -> None:
+    await del_export(qmp, f"{key}-exp")
+    await _del_nodes(qmp, [f"{key}-dead"])
