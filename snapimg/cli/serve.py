@@ -23,6 +23,7 @@ from snapimg.backends.base import Backend
 from snapimg.backends.config import Durability, ServeConfig
 from snapimg.control.server import ControlServer
 from snapimg.errors import UsageError
+from snapimg.nbd.server import prepare_unix_socket_path
 from snapimg.units import parse_block_size
 
 _BACKENDS = {
@@ -165,6 +166,9 @@ async def _run(config: ServeConfig, kind: str, control_path: Path, pid_file: Pat
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Sockets in use are refused before anything is opened or created.
+    prepare_unix_socket_path(config.socket)
+    prepare_unix_socket_path(control_path)
     config.store_dir.mkdir(exist_ok=True)
     backend = await start_backend(kind, config)
     control = ControlServer(backend)

@@ -35,13 +35,14 @@ class Serve:
             "--store-dir", str(self.store), "--pid-file", str(self.pid_file), *extra,
         ]  # fmt: skip
         self.stderr_path = workdir / "serve.stderr"
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr_path.open("wb"),
-            text=True,
-            start_new_session=True,
-        )
+        with self.stderr_path.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                start_new_session=True,
+            )
         self.ready_line = self._wait_ready(60)
 
     def _wait_ready(self, timeout: float) -> str:

@@ -141,6 +141,7 @@ def test_cli_mistakes(tmp_path: Path, serve: Callable[..., Serve]) -> None:
         ),
         "in use",
     )
+    assert not (tmp_path / "st2").exists()  # refused before anything was created
     qemu_io(s.uri("a@s"), "read -P 0x11 0 4M", read_only=True)
     assert s.stop() == 0
 
