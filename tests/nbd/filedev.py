@@ -11,12 +11,15 @@ from snapimg.errors import OutOfRangeError, ReadOnlyError
 
 
 class FileDevice:
-    def __init__(self, path: Path, read_only: bool = False, can_trim: bool = True) -> None:
+    def __init__(
+        self, path: Path, read_only: bool = False, can_trim: bool = True, multi_conn: bool = True
+    ) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         self._size = os.fstat(self.fd).st_size
         self._read_only = read_only
         self._can_trim = can_trim
+        self._multi_conn = multi_conn
         self.calls: list[str] = []
         self.gate = threading.Event()
         self.gate.set()
@@ -35,7 +38,7 @@ class FileDevice:
 
     @property
     def can_multi_conn(self) -> bool:
-        return True
+        return self._multi_conn
 
     def _range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self._size:

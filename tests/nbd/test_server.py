@@ -249,3 +249,30 @@ def test_many_concurrent_clients(server: Server) -> None:
     for i in range(48):
         assert h.pread(1, i * 65536 + 65535) == bytes([i + 1])
     h.shutdown()
+
+
+def test_meta_context_options_and_abort(tmp_path: Path, disk: Path) -> None:
+    from tests.nbd.harness import serving
+
+    dev = FileDevice(disk, can_trim=False, multi_conn=False)
+    with serving({"solo": dev}, tmp_path / "m.sock") as st:
+        h = nbd.NBD()
+        h.set_opt_mode(True)
+        h.connect_unix(str(st.sock))
+        contexts: list[str] = []
+        h.opt_list_meta_context(lambda name: contexts.append(name) or 0)
+        assert contexts == [nbd.CONTEXT_BASE_ALLOCATION]
+        h.opt_abort()
+        assert h.aio_is_closed()
+        h = nbd.NBD()
+        h.add_meta_context("x-unknown:thing")
+        h.connect_unix(str(st.sock))  # the default export: the first one
+        assert not h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        assert not h.can_multi_conn() and not h.can_trim()
+        h.set_strict_mode(0)
+        with pytest.raises(nbd.Error) as exc:
+            h.block_status(4096, 0, lambda *a: 0)
+        assert exc.value.args[1] == errno.EINVAL
+        assert "command failed" in str(exc.value)  # refused by the server, not by libnbd
+        h.shutdown()
+    dev.close()
