@@ -3,9 +3,10 @@
 The ranges to copy (the whole export for a full backup, the changed ranges for an
 incremental) are first classified with ``base:allocation`` block status: runs the server
 reports as zeroes (NBD_STATE_ZERO) are never read.  The rest is read with ``aio_pread``
-requests of ``request_size`` bytes, ``depth`` of them in flight on one connection, and
-written with ``pwrite`` at the same offset as each completes; a chunk that reads as all
-zeroes is not written either (the destination is a fresh sparse file).  Every chunk, in
+requests of ``request_size`` bytes, ``depth`` of them in flight spread over a few
+connections (driven by one thread with select), and written with ``pwrite`` at the same
+offset as each completes; a chunk that reads as all zeroes is not written either (the
+destination is a fresh sparse file).  Every chunk, in
 offset order, then goes to a :class:`ReadBackVerifier`.
 """
 
@@ -16,6 +17,7 @@ import errno
 import functools
 import os
 import queue
+import select
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -27,8 +29,9 @@ from snapimg.errors import BackupError
 
 Range = tuple[int, int]
 
-REQUEST_SIZE = 2 << 20
-DEPTH = 16
+REQUEST_SIZE = 1 << 20
+DEPTH = 32  # requests in flight over all connections
+CONNECTIONS = 4
 _STATUS_MAX = 1 << 30
 
 
@@ -57,26 +60,38 @@ def _add(ranges: list[Range], offset: int, length: int) -> None:
 
 
 class NbdSource:
-    """A read connection to one NBD export, asking for ``base:allocation``."""
+    """Read connections to one NBD export (the first asks for ``base:allocation``).
 
-    def __init__(self, uri: str) -> None:
+    Several connections let the server work on several requests at once; reads of a
+    read-only snapshot are consistent across connections whatever the server advertises.
+    """
+
+    def __init__(self, uri: str, connections: int = CONNECTIONS) -> None:
         self.uri = uri
-        self.h = nbd.NBD()
-        self.h.set_handle_name("snapimg-backup")
-        self.h.set_pread_initialize(False)
-        self.h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        self.handles: list[nbd.NBD] = []
         try:
-            self.h.connect_uri(uri)
+            for i in range(max(1, connections)):
+                h = nbd.NBD()
+                h.set_handle_name(f"snapimg-backup-{i}")
+                h.set_pread_initialize(False)
+                if i == 0:
+                    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+                h.connect_uri(uri)
+                self.handles.append(h)
         except nbd.Error as err:
+            self.close()
             raise BackupError(f"cannot connect to {uri}: {err.string}") from None
+        self.h = self.handles[0]
         self.size: int = self.h.get_size()
         self.has_status: bool = bool(self.h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
         max_req = self.h.get_block_size(nbd.SIZE_MAXIMUM)
         self.max_request = max_req if max_req > 0 else 32 << 20
 
     def close(self) -> None:
-        with contextlib.suppress(nbd.Error):
-            self.h.shutdown()
+        for h in self.handles:
+            with contextlib.suppress(nbd.Error):
+                h.shutdown()
+        self.handles = []
 
     def __enter__(self) -> NbdSource:
         return self
@@ -167,7 +182,7 @@ def copy_ranges(src: NbdSource, fd: int, ranges: list[Range], *, hash_stream: bo
     issue = emit = 0
     try:
         while emit < len(pieces):
-            while issue < len(pieces) and len(copier.inflight) < depth:
+            while issue < len(pieces) and copier.inflight < depth:
                 p = pieces[issue]
                 if not p.zero:
                     try:
@@ -212,7 +227,7 @@ def copy_ranges(src: NbdSource, fd: int, ranges: list[Range], *, hash_stream: bo
 
 
 class _Copier:
-    """The reads in flight on the connection and what to do when each completes."""
+    """The reads in flight on the connections and what to do when each completes."""
 
     def __init__(self, src: NbdSource, fd: int, pieces: list[Piece], pool: list[bytearray],
                  result: CopyResult, progress: Progress | None) -> None:
@@ -222,34 +237,64 @@ class _Copier:
         self.pool = pool
         self.result = result
         self.progress = progress
-        self.inflight: dict[int, tuple[int, int, nbd.Buffer]] = {}  # cookie -> idx, slot
+        self.handles = src.handles
+        # per connection: cookie -> (piece index, buffer slot, libnbd buffer)
+        self.per_conn: list[dict[int, tuple[int, int, nbd.Buffer]]] = [{} for _ in self.handles]
         self.done: dict[int, tuple[int, bool]] = {}  # idx -> slot, written
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(c) for c in self.per_conn)
 
     def start(self, idx: int, slot: int) -> None:
         p = self.pieces[idx]
         nbuf = nbd.Buffer.from_buffer(memoryview(self.pool[slot])[:p.length])
-        self.inflight[self.src.h.aio_pread(nbuf, p.offset)] = (idx, slot, nbuf)
+        i = min(range(len(self.handles)), key=lambda k: len(self.per_conn[k]))
+        self.per_conn[i][self.handles[i].aio_pread(nbuf, p.offset)] = (idx, slot, nbuf)
 
     def complete(self) -> None:
         """Wait for at least one read to finish; write every finished one."""
-        h = self.src.h
-        h.poll(-1)
-        while self.inflight:
-            cookie = h.aio_peek_command_completed()
-            if cookie <= 0:
-                break
-            idx, slot, nbuf = self.inflight.pop(cookie)
-            h.aio_command_completed(cookie)  # raises nbd.Error if the read failed
-            p = self.pieces[idx]
-            self.result.bytes_read += p.length
-            written = not nbuf.is_zero()
-            if written:
-                view = memoryview(self.pool[slot])[:p.length]
-                if os.pwrite(self.fd, view, p.offset) != p.length:
-                    raise OSError(errno.ENOSPC, f"short write at {p.offset}")
-                self.result.bytes_written += p.length
-            else:
-                self.result.bytes_zero_read += p.length
-            self.done[idx] = (slot, written)
-            if self.progress is not None:
-                self.progress.add(p.length)
+        self._wait()
+        for h, inflight in zip(self.handles, self.per_conn, strict=True):
+            while inflight:
+                cookie = h.aio_peek_command_completed()
+                if cookie <= 0:
+                    break
+                idx, slot, nbuf = inflight.pop(cookie)
+                h.aio_command_completed(cookie)  # raises nbd.Error if the read failed
+                self._write(idx, slot, nbuf)
+
+    def _wait(self) -> None:
+        if len(self.handles) == 1:
+            self.handles[0].poll(-1)
+            return
+        readers: list[int] = []
+        writers: list[int] = []
+        for h in self.handles:
+            d = h.aio_get_direction()
+            if d & nbd.AIO_DIRECTION_READ:
+                readers.append(h.aio_get_fd())
+            if d & nbd.AIO_DIRECTION_WRITE:
+                writers.append(h.aio_get_fd())
+        can_read, can_write, _ = select.select(readers, writers, [])
+        for h in self.handles:
+            fd = h.aio_get_fd()
+            if fd in can_read:
+                h.aio_notify_read()
+            if fd in can_write:
+                h.aio_notify_write()
+
+    def _write(self, idx: int, slot: int, nbuf: nbd.Buffer) -> None:
+        p = self.pieces[idx]
+        self.result.bytes_read += p.length
+        written = not nbuf.is_zero()
+        if written:
+            view = memoryview(self.pool[slot])[:p.length]
+            if os.pwrite(self.fd, view, p.offset) != p.length:
+                raise OSError(errno.ENOSPC, f"short write at {p.offset}")
+            self.result.bytes_written += p.length
+        else:
+            self.result.bytes_zero_read += p.length
+        self.done[idx] = (slot, written)
+        if self.progress is not None:
+            self.progress.add(p.length)
