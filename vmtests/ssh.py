@@ -23,6 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from snapimg.errors import VmError
 
 log = logging.getLogger("vmtests.ssh")
+# paramiko logs every refused early connect (expected while the guest boots) at ERROR; without a
+# handler of its own Python's last-resort handler would print those tracebacks on stderr.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 def _ssh_string(data: bytes) -> bytes:
