@@ -21,8 +21,9 @@ from vmtests.scenarios import linux_backup_vm as scenario
 
 pytestmark = pytest.mark.vm
 
-# CI runs these pairs: two boots each (writer VM, backup VM).
-CONTROLLERS = ["lsi", "ide"]
+# CI runs lsi (SCSI) and IDE for both drivers: two boots each (writer VM, backup VM).
+# SNAPIMG_LINUX_CONTROLLERS=lsi,ide,ahci,megasas,virtio-scsi widens the matrix.
+CONTROLLERS = [c for c in os.environ.get("SNAPIMG_LINUX_CONTROLLERS", "lsi,ide").split(",") if c]
 DRIVERS = ["qemu", "libvirt"]
 
 
