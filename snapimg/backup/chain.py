@@ -19,6 +19,7 @@ from typing import NamedTuple
 from snapimg.backup import incfile
 from snapimg.backup.fileio import copy_range, extents, hash_zeroes
 from snapimg.backup.manifest import BackupRecord, Manifest
+from snapimg.backup.progress import Progress
 from snapimg.errors import BackupError
 
 READ_CHUNK = 8 << 20
@@ -107,15 +108,24 @@ def image_map(directory: Path, records: list[BackupRecord]) -> list[Segment]:
     return segments
 
 
-def hash_segments(segments: list[Segment]) -> str:
+def hash_segments(segments: list[Segment], progress: Progress | None = None) -> str:
     """sha256 of the image the segments describe (holes hashed as zeroes)."""
     sha = hashlib.sha256()
     buf = bytearray(READ_CHUNK)
+
+    def zeroes(n: int) -> None:
+        while n > 0:
+            k = min(n, 8 * READ_CHUNK)
+            hash_zeroes(sha, k)
+            if progress is not None:
+                progress.add(k)
+            n -= k
+
     with ExitStack() as stack:
         fds: dict[Path, int] = {}
         for seg in segments:
             if seg.path is None:
-                hash_zeroes(sha, seg.length)
+                zeroes(seg.length)
                 continue
             if seg.path not in fds:
                 fd = os.open(seg.path, os.O_RDONLY)
@@ -124,7 +134,7 @@ def hash_segments(segments: list[Segment]) -> str:
             fd = fds[seg.path]
             for off, n, is_data in extents(fd, seg.offset, seg.length):
                 if not is_data:
-                    hash_zeroes(sha, n)
+                    zeroes(n)
                     continue
                 done = 0
                 while done < n:
@@ -133,6 +143,8 @@ def hash_segments(segments: list[Segment]) -> str:
                         raise BackupError(f"{seg.path}: short read at {off + done}")
                     sha.update(view)
                     done += len(view)
+                    if progress is not None:
+                        progress.add(len(view))
     return sha.hexdigest()
 
 

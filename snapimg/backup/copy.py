@@ -168,8 +168,10 @@ def copy_ranges(src: NbdSource, fd: int, ranges: list[Range], *, hash_stream: bo
     """
     request_size = min(request_size, src.max_request)
     pieces = plan(src, ranges, request_size)
+    # The bar follows the slowest stage: the verifier (sha256 of every byte) when hashing,
+    # else the reads.
     if progress is not None:
-        progress.total = sum(p.length for p in pieces if not p.zero)
+        progress.total = sum(p.length for p in pieces if hash_stream or not p.zero)
     # Buffers are reused (fresh ones cost a page fault per 4 KiB) and made only when
     # needed: a buffer goes free -> read in flight -> written -> verifier -> free.
     nbufs = 2 * depth
@@ -177,8 +179,8 @@ def copy_ranges(src: NbdSource, fd: int, ranges: list[Range], *, hash_stream: bo
     free: queue.SimpleQueue[int] = queue.SimpleQueue()
     result = CopyResult()
     verifier = ReadBackVerifier(fd, hash_stream=hash_stream, max_chunk=request_size,
-                                depth=nbufs + 1)
-    copier = _Copier(src, fd, pieces, pool, result, progress)
+                                depth=nbufs + 1, progress=progress if hash_stream else None)
+    copier = _Copier(src, fd, pieces, pool, result, None if hash_stream else progress)
     issue = emit = 0
     try:
         while emit < len(pieces):

@@ -175,7 +175,9 @@ def _copy(source: SnapshotSource, directory: Path, backup_id: str, origin: str, 
                 os.fsync(fd)
                 segments = chain.overlay(chain.image_map(directory, parent_chain),
                                          table.overrides(), tmp, size)
-                digest = chain.hash_segments(segments)
+                hash_bar = Progress(f"sha256 {backup_id}", size, enabled=progress)
+                digest = chain.hash_segments(segments, hash_bar)
+                hash_bar.finish()
                 changed = _blocks(ranges, block_size)
                 written = result.bytes_written
             t2 = time.monotonic()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from snapimg.backup import chain, manifest
 from snapimg.backup.fileio import publish
+from snapimg.backup.progress import Progress
 from snapimg.errors import BackupError
 
 
@@ -37,7 +38,8 @@ class RestoreResult:
                 "mib_per_s": round(mib_s, 1)}
 
 
-def restore(directory: Path, backup_id: str | None, image: Path) -> RestoreResult:
+def restore(directory: Path, backup_id: str | None, image: Path,
+            progress: bool | None = None) -> RestoreResult:
     t0 = time.monotonic()
     if not directory.is_dir():
         raise BackupError(f"{directory} is not a backup directory (no such directory)")
@@ -58,7 +60,9 @@ def restore(directory: Path, backup_id: str | None, image: Path) -> RestoreResul
         os.ftruncate(fd, target.size)
         written = chain.materialize(segments, fd)
         os.fsync(fd)
-        digest = chain.hash_segments([chain.Segment(0, target.size, tmp)])
+        bar = Progress(f"verify {target.id}", target.size, enabled=progress)
+        digest = chain.hash_segments([chain.Segment(0, target.size, tmp)], bar)
+        bar.finish()
         if digest != target.sha256:
             raise BackupError(f"restore of backup {target.id}: sha256 {digest} does not "
                               f"match the manifest's {target.sha256}")

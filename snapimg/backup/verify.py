@@ -22,6 +22,7 @@ from pathlib import Path
 from snapimg.backup import chain
 from snapimg.backup.fileio import hash_zeroes
 from snapimg.backup.manifest import Manifest
+from snapimg.backup.progress import Progress
 from snapimg.errors import BackupError
 
 _STOP = object()
@@ -30,8 +31,10 @@ _STOP = object()
 class ReadBackVerifier:
     """Background thread: read back, compare and (optionally) hash, in image order."""
 
-    def __init__(self, fd: int, *, hash_stream: bool, max_chunk: int, depth: int) -> None:
+    def __init__(self, fd: int, *, hash_stream: bool, max_chunk: int, depth: int,
+                 progress: Progress | None = None) -> None:
         self.fd = fd
+        self.progress = progress  # advanced by this thread only
         self.hash_stream = hash_stream
         self._sha = hashlib.sha256()
         self._pos: int | None = None
@@ -89,6 +92,12 @@ class ReadBackVerifier:
         if self.hash_stream and self._pos is not None and offset != self._pos:
             raise BackupError(f"internal: verifier got offset {offset}, expected {self._pos}")
         self._pos = offset + length
+        self._check_piece(offset, length, written, buf)
+        if self.progress is not None:
+            self.progress.add(length)
+
+    def _check_piece(self, offset: int, length: int, written: bool,
+                     buf: bytearray | None) -> None:
         if buf is None or not written:
             if self.hash_stream:
                 hash_zeroes(self._sha, length)

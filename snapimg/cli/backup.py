@@ -122,7 +122,8 @@ def _backup(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
-    result = restore(args.directory, args.backup, args.to)
+    result = restore(args.directory, args.backup, args.to,
+                     progress=False if args.json else None)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
