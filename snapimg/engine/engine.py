@@ -453,9 +453,10 @@ class Engine:
         barrier = self._barrier
         barrier.acquire_shared()
         try:
-            self.check_io()
-            self._check_valid(s)
-            if s.released and s.released.overlaps(b0, b1):
+            if self._closed or not s.valid or s.dropped:
+                self.check_io()
+                self._check_valid(s)
+            if s.released.starts and s.released.overlaps(b0, b1):
                 raise ReleasedRangeError(
                     f"snapshot {s.origin}@{s.name}: range [{offset}, +{length}) was released"
                 )
@@ -464,7 +465,8 @@ class Engine:
                 data = self.store.read_slots(segs[0][0], length, offset - b0 * bs)
             else:
                 data = self._read_blocks(o, s, segs, offset, length)
-            self._check_valid(s)
+            if not s.valid:  # invalidated while we read: the slots may be reused
+                self._check_valid(s)
             return data
         finally:
             barrier.release_shared()

@@ -193,9 +193,10 @@ class OriginIndex:
         """Runs (block, count) within [b0, b0+n) that an origin write must copy first.
 
         Advisory (the caller copies, then :meth:`install` decides under the lock)."""
-        newest = self.newest
-        if not newest:
+        live = self.live
+        if not live:
             return []
+        newest = live[-1]
         ents = self.table.get_run(b0, n)
         limit = newest << GEN_SHIFT
         if min(ents) >= limit:

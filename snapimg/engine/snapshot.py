@@ -13,33 +13,33 @@ class IntervalSet:
     """Merged, sorted half-open integer intervals (released block ranges)."""
 
     def __init__(self) -> None:
-        self._starts: list[int] = []
+        self.starts: list[int] = []  # read-only outside: empty means no intervals
         self._ends: list[int] = []
 
     def __bool__(self) -> bool:
-        return bool(self._starts)
+        return bool(self.starts)
 
     def add(self, start: int, end: int) -> None:
         if start >= end:
             return
         i = bisect_left(self._ends, start)  # first interval that ends at/after start
-        j = bisect_right(self._starts, end)  # intervals starting at/before end touch
+        j = bisect_right(self.starts, end)  # intervals starting at/before end touch
         if i < j:
-            start = min(start, self._starts[i])
+            start = min(start, self.starts[i])
             end = max(end, self._ends[j - 1])
-        self._starts[i:j] = [start]
+        self.starts[i:j] = [start]
         self._ends[i:j] = [end]
 
     def contains(self, x: int) -> bool:
-        i = bisect_right(self._starts, x) - 1
+        i = bisect_right(self.starts, x) - 1
         return i >= 0 and x < self._ends[i]
 
     def overlaps(self, start: int, end: int) -> bool:
-        i = bisect_right(self._starts, end - 1) - 1
+        i = bisect_right(self.starts, end - 1) - 1
         return i >= 0 and self._ends[i] > start
 
     def intervals(self) -> list[tuple[int, int]]:
-        return list(zip(self._starts, self._ends, strict=True))
+        return list(zip(self.starts, self._ends, strict=True))
 
 
 @dataclass
