@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from enginetest_util import BS
+from enginetest_util import BS, make_image
 
 from snapimg.blockdev import BlockDevice, Extent
 from snapimg.engine import Engine
@@ -184,3 +184,23 @@ def test_devices_after_drop_and_close(image: tuple[Path, bytes], store_dir: Path
         origin.pwrite(0, b"x")
     with pytest.raises(DeviceError):
         origin.pread(0, 1)
+
+
+def test_origins_share_one_store(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    da, db = make_image(a, 4 * BS, seed=1), make_image(b, 3 * BS + 5, seed=2)
+    store = tmp_path / "store"
+    with Engine.open(store, {"a": a, "b": b}) as eng:
+        eng.create_snapshot("a", "s")
+        eng.create_snapshot("b", "s")
+        eng.origin_device("a").pwrite(0, b"A" * (2 * BS))
+        eng.origin_device("b").pwrite(BS, b"B" * BS)
+        assert eng.store.slots.end == 3  # one data area for both
+    with Engine.open(store, {"b": b}) as eng:  # a subset: a's snapshot is kept aside
+        assert [i.name for i in eng.snapshots()] == ["b@s"]
+        assert eng.snapshot_device("b", "s").pread(0, len(db)) == db
+        eng.origin_device("b").pwrite(2 * BS, b"C")
+    with Engine.open(store, {"a": a, "b": b}) as eng:
+        assert eng.snapshot_device("a", "s").pread(0, len(da)) == da
+        assert eng.snapshot_device("b", "s").pread(0, len(db)) == db
+        assert {i.name: i.preserved_blocks for i in eng.snapshots()} == {"a@s": 2, "b@s": 2}
