@@ -152,7 +152,7 @@ class Libvirtd:
 
 def _disk_target(controller: Controller) -> tuple[str, str, str]:
     """(target dev, bus, controller XML) for a controller name of vmtests.controllers."""
-    models = {"lsi": "lsilogic", "megasas": "megasas", "virtio-scsi": "virtio-scsi"}
+    models = {"lsi": "lsilogic", "megasas": "lsisas1078", "virtio-scsi": "virtio-scsi"}
     if controller.kind == "ide":
         return "hda", "ide", ""
     if controller.kind == "ahci":
