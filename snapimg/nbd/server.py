@@ -31,6 +31,7 @@ from snapimg.nbd.transmission import Transmission
 log = logging.getLogger(__name__)
 
 _STREAM_LIMIT = 4 << 20  # StreamReader buffer high-water mark: whole 1 MiB writes at once
+_SOCKET_BUFFER = 4 << 20  # SO_SNDBUF of served connections
 
 
 class NbdServer:
@@ -125,6 +126,10 @@ class NbdServer:
         transport.abort()
         sock = socket.socket(fileno=fd)
         sock.setblocking(True)
+        # Room for several whole read replies in the kernel: fewer wakeups per MiB
+        # (the kernel caps it at net.core.wmem_max; unix sockets count on the sender).
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
