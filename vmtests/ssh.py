@@ -99,30 +99,42 @@ class SshSession:
         self._log_file = log_file
 
     @classmethod
+    def try_connect(cls, port: int, client_key: ClientKey, host_key: HostKey, *,
+                    timeout: float, log_file: Path | None = None,
+                    host: str = "127.0.0.1") -> SshSession | None:
+        """One login attempt: a session, or None if the guest is not answering yet.
+
+        A host key other than the pinned one is never "not yet": it raises VmError.
+        """
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        pinned = host_key.paramiko_key()
+        client.get_host_keys().add(f"[{host}]:{port}", pinned.get_name(), pinned)
+        try:
+            client.connect(host, port, username="root", pkey=client_key.paramiko_key(),
+                           timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                           look_for_keys=False, allow_agent=False)
+            return cls(client, log_file)
+        except paramiko.BadHostKeyException as err:
+            client.close()
+            raise VmError(f"ssh {host}:{port}: host key mismatch: {err}") from err
+        except (paramiko.SSHException, OSError, EOFError) as err:
+            client.close()
+            log.debug("ssh %s:%d not answering yet: %r", host, port, err)
+            return None
+
+    @classmethod
     def connect(cls, port: int, client_key: ClientKey, host_key: HostKey, *, timeout: float,
                 log_file: Path | None = None, host: str = "127.0.0.1") -> SshSession:
         """Connect, retrying while the guest starts (slirp resets early connections)."""
         deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            client = paramiko.SSHClient()
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())
-            pinned = host_key.paramiko_key()
-            client.get_host_keys().add(f"[{host}]:{port}", pinned.get_name(), pinned)
-            step = max(0.5, min(5.0, deadline - time.monotonic()))
-            try:
-                client.connect(host, port, username="root", pkey=client_key.paramiko_key(),
-                               timeout=step, banner_timeout=step, auth_timeout=step,
-                               look_for_keys=False, allow_agent=False)
-                return cls(client, log_file)
-            except paramiko.BadHostKeyException as err:
-                client.close()
-                raise VmError(f"ssh 127.0.0.1:{port}: host key mismatch: {err}") from err
-            except (paramiko.SSHException, OSError, EOFError) as err:
-                client.close()
-                last = err
-                time.sleep(0.2)
-        raise VmError(f"ssh {host}:{port}: no login within {timeout:g}s (last: {last!r})")
+        while (remaining := deadline - time.monotonic()) > 0:
+            session = cls.try_connect(port, client_key, host_key, timeout=min(5.0, remaining),
+                                      log_file=log_file, host=host)
+            if session is not None:
+                return session
+            time.sleep(0.2)
+        raise VmError(f"ssh {host}:{port}: no login within {timeout:g}s")
 
     def run(self, command: str, *, timeout: float, stdin: bytes | None = None,
             check: bool = True) -> Result:

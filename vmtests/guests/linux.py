@@ -161,18 +161,27 @@ class LinuxGuest:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise VmError(f"{self.vm.name}: no SSH login within {timeout:g}s")
-            try:
-                self._ssh = await asyncio.to_thread(
-                    SshSession.connect, self.boot_files.ssh_port, self.boot_files.client_key,
-                    self.boot_files.host_key, timeout=min(5.0, remaining),
-                    log_file=self.log_file)
-            except VmError as err:
-                if "host key mismatch" in str(err):
-                    raise
+            self._ssh = await asyncio.to_thread(
+                SshSession.try_connect, self.boot_files.ssh_port, self.boot_files.client_key,
+                self.boot_files.host_key, timeout=min(5.0, remaining), log_file=self.log_file)
+            if self._ssh is None:
+                await asyncio.sleep(0.2)
         # SSH answers before /init has loaded the storage and filesystem drivers
         await self.run("while [ ! -e /run/snapimg-ready ]; do sleep 0.05; done",
                        timeout=max(1.0, deadline - time.monotonic()))
         return time.monotonic() - began
+
+    async def refuses_other_host_key(self) -> bool:
+        """True when a login that pins some other host key is refused (the pin is enforced)."""
+        try:
+            session = await asyncio.to_thread(
+                SshSession.try_connect, self.boot_files.ssh_port, self.boot_files.client_key,
+                HostKey.generate(), timeout=10.0)
+        except VmError as err:
+            return "host key mismatch" in str(err)
+        if session is not None:
+            session.close()
+        return False
 
     async def run(self, command: str, *, timeout: float, stdin: bytes | None = None,
                   check: bool = True) -> Result:

@@ -203,6 +203,8 @@ async def writer_and_backup_vm(settings: Settings, factory: VmFactory, controlle
         snapshot_disk = NbdDisk(server.socket, "origin@backup")
         async with booted(factory, controller, "writer", origin_disk, settings, workdir,
                           log_dir, outcome) as writer:
+            outcome.check(await writer.refuses_other_host_key(),
+                          "SSH logged in although the guest's host key was not the pinned one")
             await start_writer(writer)
             before = await wait_progress(writer, OPS_BEFORE_SNAPSHOT)
             uri = await snapshot_create(settings, server, "origin@backup")
