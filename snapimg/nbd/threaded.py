@@ -42,7 +42,8 @@ class ThreadedTransmission:
         self.output = Output(sock)
         self.ctx = ctx
         self.on_finish = on_finish
-        self.queue: queue.Queue[_Item] = queue.Queue(maxsize=2 * workers)
+        self.queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self.slots = threading.Semaphore(2 * workers)  # requests read, not yet answered
         self.workers = [
             threading.Thread(target=self._work, name="nbd-worker", daemon=True)
             for _ in range(workers)
@@ -83,6 +84,8 @@ class ThreadedTransmission:
                 self.output.send(reply)
             except OSError:
                 self.stop()  # the client is gone: let the reader end too
+            finally:
+                self.slots.release()
 
     def _read_requests(self) -> None:
         while True:
@@ -101,4 +104,5 @@ class ThreadedTransmission:
                     self.output.send(error_reply(self.ctx.structured, req, p.NBD_EINVAL, msg))
                     continue
                 payload = self.input.read_large(req.length)
+            self.slots.acquire()
             self.queue.put((req, payload))
