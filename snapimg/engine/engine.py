@@ -248,6 +248,7 @@ class Engine:
             self._check_open()
             s = self._snap(o, snap)
             self._log_meta([R.GenRec(o.entry.id, s.gen)])
+        self.store.reclaim()  # outside the locks: hole punching may be slow
 
     def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:
         o = self._origin(origin)
@@ -270,6 +271,7 @@ class Engine:
                 return
             self._closed = True
             try:
+                self.store.reclaim()
                 self.store.sync()
                 for o in self.origins.values():
                     o.file.datasync()
@@ -340,6 +342,8 @@ class Engine:
                     o.file.pwrite(memoryview(data)[done:], offset + done)
         finally:
             barrier.release_shared()
+            if self.store.pending:
+                self.store.reclaim()
 
     def origin_zero(self, o: _Open, offset: int, length: int, fua: bool, punch: bool) -> None:
         self._check_range(o.file.size, offset, length)
@@ -354,6 +358,7 @@ class Engine:
             if fua:
                 self._sync_store()
                 o.file.datasync()
+        self.store.reclaim()
 
     def _preserve(self, o: _Open, b0: int, b1: int) -> None:
         """Copy what live snapshots need of blocks [b0, b1) before they are overwritten."""
@@ -561,6 +566,7 @@ class Engine:
                 pos += hi - lo
             if fua:
                 self._sync_store()
+        self.store.reclaim()
 
     def _snap_write_block(
         self, o: _Open, s: SnapshotState, b: int, within: int, piece: memoryview
@@ -608,6 +614,7 @@ class Engine:
         with self._barrier.exclusive(), self._lock:
             self._check_valid(s)
             self._log_meta([R.RangeRec(R.Kind.RELEASE, o.entry.id, s.gen, b0, b1 - b0)])
+        self.store.reclaim()
 
     def snap_is_preserved(self, o: _Open, s: SnapshotState, b0: int, n: int) -> list[list[int]]:
         return self._sources(o, s, b0, n)

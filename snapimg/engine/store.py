@@ -147,27 +147,49 @@ def _intact_record_after(buf: bytes, start: int, scan: int = 1 << 20) -> bool:
 
 
 class Store:
-    """Slots and log; subclasses do the I/O.  ``alloc``/``free`` need the caller's lock."""
+    """Slots and log; subclasses do the I/O.
+
+    Freed slots wait in ``pending`` until :meth:`reclaim` has given their space back
+    (hole punch: slow where the file system discards synchronously), which the engine
+    calls outside its locks; only then can they be allocated again.
+    """
 
     def __init__(self, block_size: int, fault: Fault | None) -> None:
         self.block_size = block_size
         self.fault = fault
         self.slots = SlotAllocator()
         self.appended = 0  # records appended (sequence for group commit)
+        self.pending: list[tuple[int, int]] = []  # freed runs not yet reclaimed
         self._append_lock = threading.Lock()
+        self._slot_lock = threading.Lock()
 
     def alloc(self, n: int) -> list[tuple[int, int]]:
-        return self.slots.alloc(n)
+        with self._slot_lock:
+            runs = self.slots.alloc(n)
+            self._grown()
+            return runs
 
     def free(self, slots: Iterable[int]) -> None:
-        for start, count in merge_slots(list(slots)):
-            self.slots.free(start, count)
-            self._release(start, count)
+        self.free_runs(merge_slots(list(slots)))
 
     def free_runs(self, runs: Iterable[tuple[int, int]]) -> None:
+        runs = list(runs)
+        if runs:
+            with self._slot_lock:
+                self.pending.extend(runs)
+
+    def reclaim(self) -> None:
+        """Give the space of freed slots back, then make them allocatable."""
+        with self._slot_lock:
+            runs, self.pending = self.pending, []
+        if not runs:
+            return
         for start, count in runs:
-            self.slots.free(start, count)
-            self._release(start, count)
+            self._punch(start, count)
+        with self._slot_lock:
+            for start, count in runs:
+                self.slots.free(start, count)
+            self._shrunk()
 
     def write_slots(self, slot: int, data: bytes | bytearray | memoryview, within: int = 0) -> None:
         if self.fault:
@@ -201,8 +223,14 @@ class Store:
     def _append(self, blob: bytes) -> None:
         pass
 
-    def _release(self, start: int, count: int) -> None:
+    def _punch(self, start: int, count: int) -> None:
         pass
+
+    def _grown(self) -> None:
+        """The allocator's end may have grown (``_slot_lock`` held)."""
+
+    def _shrunk(self) -> None:
+        """The allocator's end may have shrunk (``_slot_lock`` held)."""
 
     def checkpoint(self, blob: bytes, clean: bool) -> None:
         pass
@@ -245,7 +273,7 @@ class RamStore(Store):
                 parts.append(bytes(blk) if blk is not None else zero)
         return b"".join(parts)[within : within + nbytes]
 
-    def _release(self, start: int, count: int) -> None:
+    def _punch(self, start: int, count: int) -> None:
         with self._lock:
             for s in range(start, start + count):
                 self._blocks.pop(s, None)
@@ -322,11 +350,9 @@ class FileStore(Store):
         self._reserved = 0
         self._reserve_log()
 
-    def alloc(self, n: int) -> list[tuple[int, int]]:
-        runs = self.slots.alloc(n)
+    def _grown(self) -> None:
         if self.slots.end > self._data_reserved:
             self._reserve_data()
-        return runs
 
     def _reserve_data(self) -> None:
         """Allocate data-area space ahead of use in large steps: writes into allocated
@@ -376,16 +402,19 @@ class FileStore(Store):
         except OSError:
             pass
 
-    def _release(self, start: int, count: int) -> None:
+    def _punch(self, start: int, count: int) -> None:
         bs = self.block_size
-        try:
-            if self.slots.end <= start:
-                os.ftruncate(self.data_fd, self.slots.end * bs)
-                self._data_reserved = self.slots.end
-            else:
-                write_zeroes_fd(self.data_fd, start * bs, count * bs, punch=True)
-        except OSError:
-            pass  # space stays allocated; the slots are free for reuse all the same
+        with contextlib.suppress(OSError):  # else the space stays; the slots are free
+            write_zeroes_fd(self.data_fd, start * bs, count * bs, punch=True)
+
+    def _shrunk(self) -> None:
+        """Free runs at the end of the area shrink it: cut the file there (which drops
+        the preallocated reserve too)."""
+        end = self.slots.end
+        if end < self._data_reserved or end * self.block_size < os.fstat(self.data_fd).st_size:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.data_fd, end * self.block_size)
+                self._data_reserved = end
 
     def sync(self) -> None:
         if self.fault:
