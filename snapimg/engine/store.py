@@ -34,6 +34,7 @@ HEADER_SIZE = 4096
 _HEADER = struct.Struct("<8sII16sIBB40sQ")
 META, DATA, LOCK = "store.meta", "store.data", "store.lock"
 LOG_RESERVE = 1 << 20
+COMPACT_AFTER = 64 << 20  # log bytes after which a lifecycle change compacts the log
 DATA_RESERVE = 64 << 20
 
 Fault = Callable[[str], None]
@@ -178,6 +179,10 @@ class Store:
             with self._slot_lock:
                 self.pending.extend(runs)
 
+    def wants_checkpoint(self) -> bool:
+        """True when the log has grown enough to be worth compacting now."""
+        return False
+
     def reclaim(self) -> None:
         """Give the space of freed slots back, then make them allocatable."""
         with self._slot_lock:
@@ -294,6 +299,8 @@ class FileStore(Store):
         self.meta_fd = -1
         self.data_fd = -1
         self.log_end = 0
+        self.checkpoint_end = 0  # the log proper starts here
+        self._old_fds: list[int] = []
         self._reserved = 0  # the log file has space allocated up to here
         self._data_reserved = 0  # slots below this have space allocated
         self._synced = 0
@@ -343,10 +350,11 @@ class FileStore(Store):
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        if self.meta_fd >= 0:
-            os.close(self.meta_fd)
+        if self.meta_fd >= 0:  # closed at close(): a concurrent sync may still use it
+            self._old_fds.append(self.meta_fd)
         self.meta_fd = fd
         self.log_end = len(blob)
+        self.checkpoint_end = len(blob)
         self._reserved = 0
         self._reserve_log()
 
@@ -440,6 +448,10 @@ class FileStore(Store):
                     self._sync_cond.notify_all()
                 self._synced = max(self._synced, target)
 
+    def wants_checkpoint(self) -> bool:
+        log = self.log_end - self.checkpoint_end
+        return log > max(COMPACT_AFTER, 2 * (self.checkpoint_end - HEADER_SIZE))
+
     def checkpoint(self, blob: bytes, clean: bool) -> None:
         """Replace the log by ``blob`` (the whole state) atomically."""
         os.fdatasync(self.data_fd)
@@ -447,7 +459,8 @@ class FileStore(Store):
         self._synced = self.appended
 
     def close(self) -> None:
-        for fd in (self.meta_fd, self.data_fd, self._lock_fd):
+        for fd in (self.meta_fd, self.data_fd, self._lock_fd, *self._old_fds):
             if fd >= 0:
                 os.close(fd)
+        self._old_fds.clear()
         self.meta_fd = self.data_fd = self._lock_fd = -1

@@ -411,3 +411,32 @@ def test_log_hole_after_host_restart_is_cut(tmp_path: Path, image: tuple[Path, b
         [info] = eng.snapshots()
         assert info.valid
         assert eng.snapshot_device("disk", "s").pread(0, len(orig)) == orig
+
+
+def test_log_compaction_while_open(
+    tmp_path: Path, image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long log is compacted at a lifecycle change; a kill afterwards replays the
+    compacted state plus the records after it."""
+    from snapimg.engine import store as store_mod
+
+    monkeypatch.setattr(store_mod, "COMPACT_AFTER", 300)
+    path, orig = image
+    store = tmp_path / "store"
+    eng = Engine.open(store, {"disk": path})
+    eng.create_snapshot("disk", "a")
+    dev = eng.origin_device("disk")
+    for b in range(8):
+        dev.pwrite(b * BS, b"1")
+    mid = dev.pread(0, len(orig))
+    before = eng.store.checkpoint_end  # type: ignore[attr-defined]
+    eng.create_snapshot("disk", "b")  # compacts: the log had grown past the limit
+    assert eng.store.checkpoint_end > before  # type: ignore[attr-defined]
+    assert eng.store.log_end == eng.store.checkpoint_end  # type: ignore[attr-defined]
+    dev.pwrite(0, b"2" * (3 * BS))
+    eng.store.close()  # killed
+    for o in eng.origins.values():
+        o.file.close()
+    with Engine.open(store, {"disk": path}) as eng:
+        assert eng.snapshot_device("disk", "a").pread(0, len(orig)) == orig
+        assert eng.snapshot_device("disk", "b").pread(0, len(orig)) == mid
