@@ -25,10 +25,12 @@ from snapimg.engine import records as R
 from snapimg.engine.barrier import Barrier
 from snapimg.engine.devices import OriginDevice, SnapshotDevice
 from snapimg.engine.index import GEN_SHIFT, MAX_GEN, SLOT_MASK, OriginIndex
+from snapimg.engine.opening import current_boot_id as current_boot_id  # re-exported
+from snapimg.engine.opening import open_file_store
 from snapimg.engine.origin import Origin
 from snapimg.engine.snapshot import SnapshotState
 from snapimg.engine.state import OriginEntry, StoreState
-from snapimg.engine.store import Fault, FileStore, RamStore, Store, read_store
+from snapimg.engine.store import Fault, RamStore, Store
 from snapimg.errors import (
     DeviceError,
     NoSpaceError,
@@ -38,23 +40,11 @@ from snapimg.errors import (
     SnapshotError,
     SnapshotInvalidError,
     StoreError,
-    StoreFormatError,
-    StoreMismatchError,
     UsageError,
 )
 from snapimg.units import check_block_size
 
 Durability = Literal["default", "strict"]
-BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
-
-
-def current_boot_id() -> str:
-    try:
-        return BOOT_ID_PATH.read_text().strip()
-    except OSError:
-        return "unknown"
-
-
 def _store_error(err: OSError) -> DeviceError:
     if err.errno == errno.ENOSPC:
         return NoSpaceError(f"preservation store is full: {err.strerror}")
@@ -116,7 +106,7 @@ class Engine:
                 for name, f in files.items():
                     state.register(name, f.size, f.fingerprint(create_tag=False))
             else:
-                store, state = cls._open_file_store(
+                store, state = open_file_store(
                     Path(store_dir), files, block_size, strict, boot, fault
                 )
         except BaseException:
@@ -125,47 +115,6 @@ class Engine:
             raise
         opened = {n: _Open(f, state.by_name[n]) for n, f in files.items()}
         return cls(store, state, opened, strict)
-
-    @staticmethod
-    def _open_file_store(
-        path: Path,
-        files: dict[str, Origin],
-        block_size: int,
-        strict: bool,
-        boot: str,
-        fault: Fault | None,
-    ) -> tuple[FileStore, StoreState]:
-        store = FileStore(path, block_size, strict, boot, fault)
-        store.lock()
-        try:
-            state = StoreState(block_size)
-            loaded = read_store(path, boot_id=boot)
-            if loaded is not None:
-                hdr = loaded.header
-                if hdr.block_size != block_size:
-                    raise StoreMismatchError(
-                        f"store {path} uses block size {hdr.block_size}, not {block_size}"
-                    )
-                for rec in loaded.checkpoint:
-                    state.apply(rec)
-                _check_identity(path, state, files)
-                for rec in loaded.tail:
-                    state.apply(rec)
-                if not hdr.clean and hdr.boot_id != boot and not hdr.strict:
-                    _invalidate_all(state, "the host restarted while the store was open")
-                _rebuild_slots(path, store, state, loaded.data_slots)
-            for name, f in files.items():
-                if name not in state.by_name:
-                    state.register(name, f.size, f.fingerprint(create_tag=True))
-            blob = b"".join(R.encode(r) for r in state.checkpoint_records())
-            store.start(loaded.header.uuid if loaded else None, blob)
-        except OSError as err:
-            store.close()
-            raise StoreError(f"cannot open store {path}: {err.strerror or err}") from err
-        except BaseException:
-            store.close()
-            raise
-        return store, state
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -622,51 +571,3 @@ class Engine:
 
     def snap_is_preserved(self, o: _Open, s: SnapshotState, b0: int, n: int) -> list[list[int]]:
         return self._sources(o, s, b0, n)
-
-
-def _check_identity(path: Path, state: StoreState, files: dict[str, Origin]) -> None:
-    for name, f in files.items():
-        known = state.by_name.get(name)
-        if known is None:
-            continue
-        if known.size != f.size:
-            raise StoreMismatchError(
-                f"store {path} holds origin {name!r} of size {known.size}, "
-                f"but {f.path} has size {f.size}"
-            )
-        fp = f.fingerprint(create_tag=False)
-        if known.fingerprint != fp:
-            raise StoreMismatchError(
-                f"store {path} belongs to another file named {name!r} than {f.path} "
-                f"(fingerprint {known.fingerprint} != {fp})"
-            )
-
-
-def _invalidate_all(state: StoreState, reason: str) -> None:
-    now = time.time()
-    for o in state.by_id.values():
-        for s in list(o.index.snaps.values()):
-            if s.valid:
-                state.apply(R.InvalidateRec(o.id, s.gen, now, reason))
-
-
-def _rebuild_slots(path: Path, store: Store, state: StoreState, data_slots: int) -> None:
-    """Free every slot of the data area that no snapshot references."""
-    used = bytearray(data_slots)
-    for slot, count in state.referenced_runs():
-        if slot + count > data_slots:
-            raise StoreFormatError(
-                f"store {path} is truncated: slot {slot + count - 1} is beyond its data area"
-            )
-        used[slot : slot + count] = b"\x01" * count
-    store.slots.end = data_slots
-    pos = 0
-    while True:
-        start = used.find(0, pos)
-        if start < 0:
-            break
-        stop = used.find(1, start)
-        if stop < 0:
-            stop = data_slots
-        store.slots.free(start, stop - start)
-        pos = stop
