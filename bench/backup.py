@@ -208,10 +208,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    # bench/ holds inspect.py, which would shadow the standard library's inspect module
-    # (used by dataclasses) for everything imported from now on.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--size", default="4G")
     p.add_argument("--data", default="1G")

@@ -18,29 +18,22 @@ origin needs at the default block size, measured on a real index filled for a sp
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# run as a script, bench/ comes first on sys.path, where bench/inspect.py would shadow
-# the standard library's inspect module
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import tempfile
 import time
-import tracemalloc  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from snapimg.engine import Engine  # noqa: E402
-from snapimg.engine.index import OriginIndex, pack  # noqa: E402
-from snapimg.units import format_size, parse_size  # noqa: E402
+from snapimg.engine import Engine
+from snapimg.engine.index import OriginIndex, pack
+from snapimg.units import format_size, parse_size
 
 MIB = 1 << 20
 BS = 65536

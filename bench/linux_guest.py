@@ -11,16 +11,11 @@ backup VM hashing the whole snapshot device, and e2fsck's exit status.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/inspect.py would shadow the standard library's inspect module (used by dataclasses).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
 import asyncio
 import json
+import os
+import sys
 import tempfile
 from pathlib import Path
 

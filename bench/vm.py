@@ -12,19 +12,12 @@ through DOS (INT 21h).  Acceleration comes from SNAPIMG_ACCEL (tcg by default).
 
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/ holds a script named inspect.py, which would shadow the standard library's inspect
-# module (used by dataclasses) when this script runs as `python bench/vm.py`.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
 import asyncio
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path

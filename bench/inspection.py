@@ -14,7 +14,7 @@ alone, as plain files.  Everything is in the page cache (warm runs; best of --re
 "ratio" = baseline seconds / snapimg seconds (>= 1: snapimg is faster).  Times are wall
 clock of the commands as a user runs them (including Python start-up); their CPU seconds
 (user+sys) are reported too, as the fairer number on a shared, loaded machine.
-Usage: bench/inspect.py [--size 4G] [--data 1G] [--reps 3] [--workdir DIR] [--json]
+Usage: bench/inspection.py [--size 4G] [--data 1G] [--reps 3] [--workdir DIR] [--json]
 """
 
 from __future__ import annotations
