@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import select
 import shutil
 import signal
@@ -25,21 +24,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# the workloads and their tools are bench/serve.py's, so the rows compare like with like
+from serve import rand4k, run, seq1m, snapread
+
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
 COUNTS = (1, 2, 4, 8)
-
-
-def run(*cmd: str, timeout: float = 600) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
-    return proc.stdout
 
 
 @contextmanager
@@ -70,29 +64,6 @@ def serve(work: Path, image: Path, backend: str, snapshots: int) -> Iterator[tup
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         shutil.rmtree(store, ignore_errors=True)
-
-
-def seq1m(uri: str, size: int) -> float:
-    count = size // MiB
-    out = run("qemu-img", "bench", "-w", "-f", "raw", "-s", "1M", "-d", "16", "-c", str(count),
-              uri)  # fmt: skip
-    match = re.search(r"Run completed in ([\d.]+) seconds", out)
-    if match is None:
-        raise SystemExit(f"unexpected qemu-img bench output: {out}")
-    return count / float(match.group(1))
-
-
-def rand4k(uri: str, size: int, runtime: int) -> float:
-    out = run("fio", "--name=rand4k", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
-              "--bs=4k", "--iodepth=16", f"--size={size}", f"--runtime={runtime}",
-              "--time_based", "--randrepeat=1", "--output-format=json")  # fmt: skip
-    return float(json.loads(out[out.index("{") :])["jobs"][0]["write"]["iops"])
-
-
-def snapread(uri: str, size: int) -> float:
-    t0 = time.monotonic()
-    run("nbdcopy", "--no-extents", uri, "null:")
-    return size / MiB / (time.monotonic() - t0)
 
 
 def main() -> int:

@@ -135,8 +135,10 @@ def seq1m(uri: str, size: int) -> float:
     count = size // MiB
     out = run("qemu-img", "bench", "-w", "-f", "raw", "-s", "1M", "-d", "16", "-c", str(count),
               uri)  # fmt: skip
-    secs = float(re.search(r"Run completed in ([\d.]+) seconds", out).group(1))  # type: ignore[union-attr]
-    return count / secs
+    match = re.search(r"Run completed in ([\d.]+) seconds", out)
+    if match is None:
+        raise SystemExit(f"unexpected qemu-img bench output: {out}")
+    return count / float(match.group(1))
 
 
 def rand4k(uri: str, size: int, runtime: int) -> float:
