@@ -80,10 +80,10 @@ class SnapimgServer:
             raise VmError(f"snapimg {' '.join(args)}: {err.decode().strip()}")
         return out.decode().strip()
 
-    async def snapshot_create(self, export: str, snap: str) -> str:
+    async def snapshot_create(self, export: str, snap: str, writable: bool = False) -> str:
         """Create snapshot ``export@snap``; its NBD URI as snapimg prints it."""
         uri = await self._cli("snapshot", "create", "--control", str(self.control),
-                              f"{export}@{snap}")
+                              f"{export}@{snap}", *(["--writable"] if writable else []))
         if not uri.startswith("nbd+unix://"):
             raise VmError(f"snapimg snapshot create printed {uri!r}, not an nbd+unix URI")
         return uri.splitlines()[-1]

@@ -182,17 +182,6 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def snapshot_create(settings: Settings, server: SnapimgServer, name: str) -> str:
-    """``snapimg snapshot create --writable``: the backup VM's fsck may replay the journal."""
-    proc = await asyncio.create_subprocess_exec(
-        *settings.snapimg_command(), "snapshot", "create", "--control", str(server.control),
-        name, "--writable", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    if proc.returncode != 0:
-        raise VmError(f"snapimg snapshot create {name}: {err.decode().strip()}")
-    return out.decode().strip().splitlines()[-1]
-
-
 async def writer_and_backup_vm(settings: Settings, factory: VmFactory, controller: Controller,
                                workdir: Path, log_dir: Path) -> Outcome:
     outcome = Outcome()
@@ -207,7 +196,8 @@ async def writer_and_backup_vm(settings: Settings, factory: VmFactory, controlle
                           "SSH logged in although the guest's host key was not the pinned one")
             await start_writer(writer)
             before = await wait_progress(writer, OPS_BEFORE_SNAPSHOT)
-            uri = await snapshot_create(settings, server, "origin@backup")
+            # writable: the backup VM's fsck may replay the journal into the snapshot
+            uri = await server.snapshot_create("origin", "backup", writable=True)
             after = await progress(writer)
             await wait_progress(writer, after + OPS_AFTER_SNAPSHOT)
             host_sha = await host_read(uri, outcome)   # while the writer keeps writing
