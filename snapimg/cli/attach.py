@@ -7,12 +7,9 @@ builds and removes the graph over the VM's QMP socket and prints the snapshot's 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import tempfile
 from pathlib import Path
 from typing import Any
-
-from snapimg.backends.attach import attach, detach
 
 
 def default_store_dir() -> Path:
@@ -42,6 +39,10 @@ def register(sub: Any) -> None:
 
 
 def _attach(args: argparse.Namespace) -> int:
+    import asyncio  # here, not at the top: every snapimg command imports this module
+
+    from snapimg.backends.attach import attach
+
     store = (args.store_dir or default_store_dir()).absolute()
     socket = args.socket.absolute() if args.socket else None
     result = asyncio.run(attach(args.qmp, args.device, args.name, store, socket))
@@ -50,5 +51,9 @@ def _attach(args: argparse.Namespace) -> int:
 
 
 def _detach(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from snapimg.backends.attach import detach
+
     asyncio.run(detach(args.qmp, args.name))
     return 0

@@ -13,9 +13,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from snapimg.backup.job import run_backup
-from snapimg.backup.restore import restore
-from snapimg.backup.sources import ControlSource, LibvirtSource, QmpSource, SnapshotSource
 from snapimg.cli.attach import default_store_dir
 from snapimg.errors import SnapimgError, UsageError
 from snapimg.units import format_size
@@ -69,6 +66,10 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def _backup(args: argparse.Namespace) -> int:
+    # here, not at the top: every snapimg command imports this module
+    from snapimg.backup.job import run_backup
+    from snapimg.backup.sources import ControlSource, LibvirtSource, QmpSource, SnapshotSource
+
     origin: str = args.name
     if not origin or "@" in origin:
         raise UsageError(f"bad origin name {origin!r}")
@@ -121,6 +122,8 @@ def _backup(args: argparse.Namespace) -> int:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    from snapimg.backup.restore import restore
+
     signal.signal(signal.SIGTERM, _terminate)
     result = restore(args.directory, args.backup, args.to,
                      progress=False if args.json else None)
