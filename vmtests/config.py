@@ -2,6 +2,8 @@
 
 - ``SNAPIMG_FREEDOS_IMAGE``: the FreeDOS boot floppy (default: ../shared/images/freedos/
   freedos-boot-1.44M.img next to the repository).
+- ``SNAPIMG_FREEDOS_SHA256``: the sha256 the floppy must have (default: the published sha256
+  of the default image when that is used, none for another image; ``-`` turns the check off).
 - ``SNAPIMG_ACCEL``: ``tcg`` (default) or ``kvm``; kvm that is not usable skips VM tests.
 - ``SNAPIMG_VM_LOG_DIR``: where per-test serial and QEMU logs go (default vmtests/logs).
 - ``SNAPIMG_CACHE_DIR``: built guest images (default images/cache; git-ignored).
@@ -22,12 +24,15 @@ from snapimg.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_FREEDOS_IMAGE = REPO.parent / "shared" / "images" / "freedos" / "freedos-boot-1.44M.img"
+# shared/images/freedos/PROVENANCE.md
+DEFAULT_FREEDOS_SHA256 = "2546c15c6cba5814f7a318b1ef4e24158504d73dd24ba6eb6133ffe87686a056"
 ACCELS = ("tcg", "kvm")
 
 
 @dataclass(frozen=True)
 class Settings:
     freedos_image: Path
+    freedos_sha256: str | None
     accel: str
     log_dir: Path
     cache_dir: Path
@@ -77,6 +82,11 @@ def load() -> Settings:
     if accel not in ACCELS:
         raise UsageError(f"SNAPIMG_ACCEL must be one of {', '.join(ACCELS)}, not {accel!r}")
     image = Path(env.get("SNAPIMG_FREEDOS_IMAGE") or DEFAULT_FREEDOS_IMAGE)
+    sha = env.get("SNAPIMG_FREEDOS_SHA256", "").strip().lower()
+    if not sha:
+        sha = DEFAULT_FREEDOS_SHA256 if image == DEFAULT_FREEDOS_IMAGE else "-"
+    if sha != "-" and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+        raise UsageError(f"SNAPIMG_FREEDOS_SHA256 must be 64 hex digits or '-', not {sha!r}")
     try:
         scale = float(env.get("SNAPIMG_VM_TIMEOUT_SCALE") or 1)
     except ValueError:
@@ -85,6 +95,7 @@ def load() -> Settings:
         raise UsageError("SNAPIMG_VM_TIMEOUT_SCALE must be a positive number")
     return Settings(
         freedos_image=image,
+        freedos_sha256=None if sha == "-" else sha,
         accel=accel,
         log_dir=Path(env.get("SNAPIMG_VM_LOG_DIR") or REPO / "vmtests" / "logs"),
         cache_dir=Path(env.get("SNAPIMG_CACHE_DIR") or REPO / "images" / "cache"),

@@ -59,13 +59,13 @@ class Artifacts:
         return read_marker(self.test_disk)
 
 
-def _inputs_key(image: Path) -> str:
+def _inputs_key(image_sha256: str) -> str:
     digest = hashlib.sha256()
     for path in sorted(SOURCES.iterdir()):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(Path(__file__).read_bytes())      # prefill_raw_region and formats
-    digest.update(sha256_file(image).encode())
+    digest.update(image_sha256.encode())
     return digest.hexdigest()[:16]
 
 
@@ -83,7 +83,11 @@ def build(settings: Settings) -> Artifacts:
     if not image.is_file():
         raise UsageError(f"FreeDOS boot floppy not found: {image} (set SNAPIMG_FREEDOS_IMAGE; "
                          "see docs/vmtests.md)")
-    out = settings.cache_dir / f"freedos-{_inputs_key(image)}"
+    got = sha256_file(image)
+    if settings.freedos_sha256 is not None and got != settings.freedos_sha256:
+        raise UsageError(f"FreeDOS boot floppy {image} has sha256 {got}, expected "
+                         f"{settings.freedos_sha256} (SNAPIMG_FREEDOS_SHA256)")
+    out = settings.cache_dir / f"freedos-{_inputs_key(got)}"
     artifacts = Artifacts(out / "boot.img", out / "testdisk.img")
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     with (settings.cache_dir / ".freedos.lock").open("w") as lock:
