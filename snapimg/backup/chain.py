@@ -19,8 +19,8 @@ from typing import NamedTuple
 from snapimg.backup import incfile
 from snapimg.backup.fileio import copy_range, extents, hash_zeroes
 from snapimg.backup.manifest import BackupRecord, Manifest
-from snapimg.backup.progress import Progress
 from snapimg.errors import BackupError
+from snapimg.progress import Progress
 
 READ_CHUNK = 8 << 20
 

@@ -23,9 +23,9 @@ from typing import NamedTuple
 
 import nbd
 
-from snapimg.backup.progress import Progress
 from snapimg.backup.verify import ReadBackVerifier
 from snapimg.errors import BackupError
+from snapimg.progress import Progress
 
 Range = tuple[int, int]
 

@@ -28,9 +28,9 @@ from snapimg.backup import chain, incfile, manifest
 from snapimg.backup.copy import CopyResult, NbdSource, copy_ranges
 from snapimg.backup.fileio import fsync_dir, publish
 from snapimg.backup.manifest import BackupRecord
-from snapimg.backup.progress import Progress
 from snapimg.backup.sources import SnapshotSource
 from snapimg.errors import BackupError, SnapimgError, UsageError
+from snapimg.progress import Progress
 
 PENDING_NAME = ".pending.json"
 

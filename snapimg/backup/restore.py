@@ -16,8 +16,8 @@ from pathlib import Path
 
 from snapimg.backup import chain, manifest
 from snapimg.backup.fileio import publish
-from snapimg.backup.progress import Progress
 from snapimg.errors import BackupError
+from snapimg.progress import Progress
 
 
 @dataclass

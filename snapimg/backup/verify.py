@@ -22,8 +22,8 @@ from pathlib import Path
 from snapimg.backup import chain
 from snapimg.backup.fileio import hash_zeroes
 from snapimg.backup.manifest import Manifest
-from snapimg.backup.progress import Progress
 from snapimg.errors import BackupError
+from snapimg.progress import Progress
 
 _STOP = object()
 

@@ -133,17 +133,18 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _run_diff(args: argparse.Namespace) -> int:
     from snapimg.inspect.diff import diff_sources
-    from snapimg.inspect.progress import Progress
     from snapimg.inspect.report import format_table, size_cell
     from snapimg.inspect.target import open_target
+    from snapimg.progress import Progress
     from snapimg.units import check_block_size, format_size
 
     bs = parse_size(args.block_size, "block size")
     check_block_size(bs)
     with open_target(args.a) as a, open_target(args.b) as b:
-        progress = Progress(min(a.size, b.size), sys.stderr, "diff")
+        # a bar only for work that takes longer than a second, erased when done
+        progress = Progress("diff", min(a.size, b.size), sys.stderr, delay=1.0, erase=True)
         try:
-            result = diff_sources(a, b, bs, progress)
+            result = diff_sources(a, b, bs, progress.update)
         finally:
             progress.finish()
     if args.json:
@@ -164,14 +165,15 @@ def _run_diff(args: argparse.Namespace) -> int:
 
 def _checksum(args: argparse.Namespace) -> int:
     from snapimg.inspect.checksum import check_algo, checksum
-    from snapimg.inspect.progress import Progress
     from snapimg.inspect.target import open_target
+    from snapimg.progress import Progress
 
     check_algo(args.algo)
     with open_target(args.target) as src:
-        progress = Progress(src.size, sys.stderr, "checksum")
+        # a bar only for work that takes longer than a second, erased when done
+        progress = Progress("checksum", src.size, sys.stderr, delay=1.0, erase=True)
         try:
-            digest = checksum(src, args.algo, progress)
+            digest = checksum(src, args.algo, progress.update)
         finally:
             progress.finish()
     print(f"{digest}  {args.target}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from snapimg.backup.progress import Progress
+from snapimg.progress import Progress
 
 
 def test_silent_when_not_a_terminal() -> None:

@@ -1,4 +1,9 @@
-"""A one-line progress bar on a terminal (bytes, rate, ETA); silent anywhere else."""
+"""A one-line progress bar on a terminal (bytes, rate, ETA); silent anywhere else.
+
+Used by backup/restore (drawn from the start, final line kept) and by checksum/diff
+(``delay=1``: only work that takes longer than a second shows a bar; ``erase=True``: the
+line is erased at the end).
+"""
 
 from __future__ import annotations
 
@@ -24,22 +29,29 @@ class Progress:
     """
 
     def __init__(self, label: str, total: int, stream: TextIO | None = None,
-                 enabled: bool | None = None, hz: float = 8.0) -> None:
+                 enabled: bool | None = None, hz: float = 8.0, delay: float = 0.0,
+                 erase: bool = False) -> None:
         self.label = label
         self.total = total
         self.done = 0
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self._start = time.monotonic()
+        self._delay = delay
+        self._erase = erase
         self._last_draw = 0.0
         self._interval = 1.0 / hz
         self._drawn = False
 
     def add(self, n: int) -> None:
-        self.done += n
+        self.update(self.done + n)
+
+    def update(self, done: int) -> None:
+        """Set the bytes done so far (a callback for work that reports absolute progress)."""
+        self.done = done
         if self.enabled:
             now = time.monotonic()
-            if now - self._last_draw >= self._interval:
+            if now - self._start >= self._delay and now - self._last_draw >= self._interval:
                 self._last_draw = now
                 self._draw(now)
 
@@ -52,7 +64,7 @@ class Progress:
         bar = "#" * filled + "-" * (width - filled)
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         return (f"{self.label} [{bar}] {format_size(self.done)} / {format_size(self.total)}"
-                f"  {format_size(int(rate))}/s  ETA {_clock(eta)}")
+                f"  {min(frac, 1.0) * 100:.0f}%  {format_size(int(rate))}/s  ETA {_clock(eta)}")
 
     def _draw(self, now: float) -> None:
         self.stream.write("\r\x1b[K" + self.line(now))
@@ -60,7 +72,11 @@ class Progress:
         self._drawn = True
 
     def finish(self) -> None:
-        if self.enabled:
+        if not self.enabled or (self._delay and not self._drawn):
+            return  # off, or done before the delay: nothing was ever shown
+        if self._erase:
+            self.stream.write("\r\x1b[K")
+        else:
             self._draw(time.monotonic())
             self.stream.write("\n")
-            self.stream.flush()
+        self.stream.flush()
