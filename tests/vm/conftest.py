@@ -23,10 +23,18 @@ def pytest_runtest_makereport(
 
 
 @pytest.fixture(scope="session")
-def vm_settings() -> config.Settings:
+def rig_settings() -> config.Settings:
+    """The rig's settings; the test is skipped when the asked-for accelerator is unusable."""
     settings = config.load()
     if reason := settings.accel_unusable():
         pytest.skip(reason)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def vm_settings(rig_settings: config.Settings) -> config.Settings:
+    """Settings of the FreeDOS tests: skipped without a FreeDOS image."""
+    settings = rig_settings
     if not settings.freedos_image.is_file():
         pytest.skip(f"FreeDOS image not found at {settings.freedos_image} "
                     "(set SNAPIMG_FREEDOS_IMAGE; see docs/vmtests.md)")
@@ -34,10 +42,11 @@ def vm_settings() -> config.Settings:
 
 
 @pytest.fixture
-def vm_log_dir(request: pytest.FixtureRequest, vm_settings: config.Settings) -> Iterator[Path]:
-    """Serial consoles and QEMU/snapimg logs of this test; removed only if the test passed."""
+def vm_log_dir(request: pytest.FixtureRequest, rig_settings: config.Settings) -> Iterator[Path]:
+    """Serial consoles, SSH transcripts and QEMU/snapimg logs of this test; removed only if
+    the test passed."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-    log_dir = vm_settings.log_dir / name
+    log_dir = rig_settings.log_dir / name
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir(parents=True)
     yield log_dir
