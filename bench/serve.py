@@ -10,7 +10,12 @@ Workloads (each on a freshly started server, so "first touch" means it):
   rand4k  4 KiB random writes at queue depth 16 (fio --ioengine=nbd), IOPS
   snapread  sequential read of the snapshot after seq1m rewrote everything
             (nbdcopy --no-extents SNAPSHOT null:), MiB/s
-Usage: bench/serve.py [--size 256M] [--reps 3] [--json]
+  qd1_512_write / qd1_512_read / qd1_512_snapread
+            512 B sequential requests at queue depth 1 (qemu-img bench -d 1 -s 512
+            -t none -c COUNT [-w]), requests/s: per-request latency, what a BIOS or
+            DOS guest's IDE disk pays; writes first (with a snapshot: first touches),
+            then reads of the origin, then of the snapshot
+Usage: bench/serve.py [--size 256M] [--reps 3] [--qd1-count 20000] [--json]
 """
 
 from __future__ import annotations
@@ -135,10 +140,22 @@ def seq1m(uri: str, size: int) -> float:
     count = size // MiB
     out = run("qemu-img", "bench", "-w", "-f", "raw", "-s", "1M", "-d", "16", "-c", str(count),
               uri)  # fmt: skip
+    return count / bench_seconds(out)
+
+
+def bench_seconds(out: str) -> float:
     match = re.search(r"Run completed in ([\d.]+) seconds", out)
     if match is None:
         raise SystemExit(f"unexpected qemu-img bench output: {out}")
-    return count / float(match.group(1))
+    return float(match.group(1))
+
+
+def qd1_512(uri: str, count: int, write: bool) -> float:
+    """Requests/s of 512 B sequential requests at queue depth 1."""
+    args = ["-w"] if write else []
+    out = run("qemu-img", "bench", *args, "-f", "raw", "-t", "none", "-s", "512", "-d", "1",
+              "-c", str(count), uri)  # fmt: skip
+    return count / bench_seconds(out)
 
 
 def rand4k(uri: str, size: int, runtime: int) -> float:
@@ -155,7 +172,9 @@ def snapread(uri: str, size: int) -> float:
     return size / MiB / (time.monotonic() - t0)
 
 
-def measure(serve: Callable[[], object], work: Path, size: int, runtime: int) -> dict[str, float]:
+def measure(
+    serve: Callable[[], object], work: Path, size: int, runtime: int, qd1_count: int
+) -> dict[str, float]:
     # os.sync() before each workload: dirty pages of the previous run are written back
     # first instead of throttling whichever writer comes next.
     out: dict[str, float] = {}
@@ -168,6 +187,12 @@ def measure(serve: Callable[[], object], work: Path, size: int, runtime: int) ->
     with serve() as (origin, _):  # type: ignore[attr-defined]
         os.sync()
         out["rand4k"] = rand4k(origin, size, runtime)
+    with serve() as (origin, snap):  # type: ignore[attr-defined]
+        os.sync()
+        out["qd1_512_write"] = qd1_512(origin, qd1_count, True)
+        out["qd1_512_read"] = qd1_512(origin, qd1_count, False)
+        if snap:
+            out["qd1_512_snapread"] = qd1_512(snap, qd1_count, False)
     return out
 
 
@@ -176,6 +201,7 @@ def main() -> int:
     ap.add_argument("--size", default="256", help="image size in MiB (default 256)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions, medians reported")
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio run")
+    ap.add_argument("--qd1-count", type=int, default=20000, help="requests per qd1 run")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     size = int(args.size) * MiB
@@ -195,7 +221,7 @@ def main() -> int:
         samples: dict[str, dict[str, list[float]]] = {k: {} for k in configs}
         for _ in range(args.reps):
             for name, serve in configs.items():
-                for key, value in measure(serve, work, size, args.runtime).items():
+                for key, value in measure(serve, work, size, args.runtime, args.qd1_count).items():
                     samples[name].setdefault(key, []).append(value)
     med = {c: {k: statistics.median(v) for k, v in m.items()} for c, m in samples.items()}
     a, b, c, d = (med[k] for k in configs)
@@ -205,21 +231,26 @@ def main() -> int:
         "seq1m_nosnap_vs_qsd": a["seq1m"] / c["seq1m"],
         "rand4k_nosnap_vs_qsd": a["rand4k"] / c["rand4k"],
         "snap_read_vs_qsd": b["snapread"] / d["snapread"],
+        "qd1_512_write_vs_qsd": a["qd1_512_write"] / c["qd1_512_write"],
+        "qd1_512_read_vs_qsd": a["qd1_512_read"] / c["qd1_512_read"],
+        "qd1_512_write_vs_qsd_cbw": b["qd1_512_write"] / d["qd1_512_write"],
+        "qd1_512_snapread_vs_qsd_cbw": b["qd1_512_snapread"] / d["qd1_512_snapread"],
     }
     result = {
         "size_mib": size // MiB,
         "reps": args.reps,
-        "units": {"seq1m": "MiB/s", "rand4k": "IOPS", "snapread": "MiB/s"},
+        "units": {"seq1m": "MiB/s", "rand4k": "IOPS", "snapread": "MiB/s", "qd1_*": "IOPS"},
         "medians": {k: {m: round(v, 1) for m, v in vals.items()} for k, vals in med.items()},
         **{k: round(v, 3) for k, v in ratios.items()},
     }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{'config':<20} {'seq1m MiB/s':>12} {'rand4k IOPS':>12} {'snapread MiB/s':>15}")
+        cols = ["seq1m", "rand4k", "snapread", "qd1_512_write", "qd1_512_read", "qd1_512_snapread"]
+        print(f"{'config':<20}" + "".join(f" {c:>16}" for c in cols))
         for name, vals in med.items():
-            sr = f"{vals['snapread']:.0f}" if "snapread" in vals else "-"
-            print(f"{name:<20} {vals['seq1m']:>12.0f} {vals['rand4k']:>12.0f} {sr:>15}")
+            cells = (f"{vals[c]:.0f}" if c in vals else "-" for c in cols)
+            print(f"{name:<20}" + "".join(f" {c:>16}" for c in cells))
         for k, v in ratios.items():
             print(f"{k}: {v:.2f}")
     return 0

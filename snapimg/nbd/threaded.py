@@ -1,20 +1,22 @@
 """The transmission phase of a plain socket connection, served by threads of its own.
 
-After the asyncio handshake the connection's socket is taken off the event loop.  A
-reader thread receives requests (:class:`~snapimg.nbd.sockio.Input`) and queues them
-to a few worker threads of this connection, which execute them on the device and
-send the replies (:class:`~snapimg.nbd.sockio.Output`), out of order when one request
-is slower than the next.  Every socket and file call releases the GIL, so connections
-run in parallel; a slow device call or a client that stops reading holds back only
-its own connection (the reader stops once its queue is full), and a vanished client
-ends its threads.
+After the asyncio handshake the connection's socket is taken off the event loop and
+served by a few threads of this connection in turn ("leader/followers"): the thread
+holding the read turn receives one request (:class:`~snapimg.nbd.sockio.Input`),
+passes the turn to the next idle thread and then executes the request itself and
+sends its reply (:class:`~snapimg.nbd.sockio.Output`).  A request thus never waits
+for a hand-off to another thread, which is what a client at queue depth 1 (a BIOS,
+DOS) pays per request; several requests still run at once, and their replies go out
+of order when one is slower than the next.  Every socket and file call releases the
+GIL, so connections run in parallel; a slow device call or a client that stops
+reading holds back only its own connection (once every thread is busy nobody
+reads), and a vanished client ends its threads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import socket
 import threading
 from collections.abc import Callable
@@ -24,8 +26,7 @@ from snapimg.nbd.requests import Context, Request, error_reply, serve_request
 from snapimg.nbd.sockio import Closed, Input, Output
 
 log = logging.getLogger(__name__)
-WORKERS = 4  # per connection
-_Item = tuple[Request, bytes | bytearray | None] | None
+THREADS = 6  # per connection: requests read and not yet answered, at most
 
 
 class ThreadedTransmission:
@@ -35,25 +36,24 @@ class ThreadedTransmission:
         leftover: bytes,
         ctx: Context,
         on_finish: Callable[[], None],
-        workers: int = WORKERS,
+        threads: int = THREADS,
     ) -> None:
         self.sock = sock
         self.input = Input(sock, leftover)
         self.output = Output(sock)
         self.ctx = ctx
         self.on_finish = on_finish
-        self.queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        self.slots = threading.Semaphore(2 * workers)  # requests read, not yet answered
-        self.workers = [
-            threading.Thread(target=self._work, name="nbd-worker", daemon=True)
-            for _ in range(workers)
+        self.read_turn = threading.Lock()  # held by the one thread receiving a request
+        self.done = False  # no more requests: set by the thread that found the end
+        self.state = threading.Lock()
+        self.running = threads
+        self.threads = [
+            threading.Thread(target=self._run, name="nbd-conn", daemon=True) for _ in range(threads)
         ]
-        self.reader = threading.Thread(target=self._run, name="nbd-reader", daemon=True)
 
     def start(self) -> None:
-        for t in self.workers:
+        for t in self.threads:
             t.start()
-        self.reader.start()
 
     def stop(self, hard: bool = False) -> None:
         """Stop reading requests: the threads end after replying to those already read
@@ -63,46 +63,53 @@ class ThreadedTransmission:
 
     def _run(self) -> None:
         try:
-            self._read_requests()
-        except (Closed, OSError):
-            pass
+            while (item := self._next_request()) is not None:
+                req, payload = item
+                reply = serve_request(self.ctx, req, payload)
+                try:
+                    self.output.send(reply)
+                except OSError:
+                    self.stop()  # the client is gone: let the reading thread end too
         except Exception:
             log.exception("NBD connection failed")
+            self.done = True
+            self.stop()
         finally:
-            for _ in self.workers:
-                self.queue.put(None)
-            for t in self.workers:
-                t.join()
-            self.sock.close()
-            self.on_finish()
+            with self.state:
+                self.running -= 1
+                last = self.running == 0
+            if last:
+                self.sock.close()
+                self.on_finish()
 
-    def _work(self) -> None:
-        while (item := self.queue.get()) is not None:
-            req, payload = item
-            reply = serve_request(self.ctx, req, payload)
-            try:
-                self.output.send(reply)
-            except OSError:
-                self.stop()  # the client is gone: let the reader end too
-            finally:
-                self.slots.release()
+    def _next_request(self) -> tuple[Request, bytes | bytearray | None] | None:
+        """Take the read turn, receive one request, pass the turn on; None: the end."""
+        with self.read_turn:
+            while not self.done:
+                try:
+                    item = self._read_request()
+                except (Closed, OSError):
+                    item = None
+                if item is None:
+                    self.done = True
+                elif item[0] is not None:
+                    return item[0], item[1]
+        return None
 
-    def _read_requests(self) -> None:
-        while True:
-            magic, *fields = p.REQUEST.unpack(self.input.read(p.REQUEST.size))
-            req = Request(*fields)
-            if magic != p.NBD_REQUEST_MAGIC:
-                log.warning("bad request magic %#x: disconnecting", magic)
-                return
-            if req.cmd == p.NBD_CMD_DISC:
-                return
-            payload: bytes | bytearray | None = None
-            if req.cmd == p.NBD_CMD_WRITE:
-                if req.length > p.MAX_PAYLOAD:
-                    self.input.skip(req.length)
-                    msg = "payload over 32 MiB"
-                    self.output.send(error_reply(self.ctx.structured, req, p.NBD_EINVAL, msg))
-                    continue
-                payload = self.input.read_large(req.length)
-            self.slots.acquire()
-            self.queue.put((req, payload))
+    def _read_request(self) -> tuple[Request | None, bytes | bytearray | None] | None:
+        """One request and its payload; (None, None): answered here; None: the end."""
+        magic, *fields = p.REQUEST.unpack(self.input.read(p.REQUEST.size))
+        req = Request(*fields)
+        if magic != p.NBD_REQUEST_MAGIC:
+            log.warning("bad request magic %#x: disconnecting", magic)
+            return None
+        if req.cmd == p.NBD_CMD_DISC:
+            return None
+        if req.cmd != p.NBD_CMD_WRITE:
+            return req, None
+        if req.length > p.MAX_PAYLOAD:
+            self.input.skip(req.length)
+            msg = "payload over 32 MiB"
+            self.output.send(error_reply(self.ctx.structured, req, p.NBD_EINVAL, msg))
+            return None, None
+        return req, self.input.read_large(req.length)
