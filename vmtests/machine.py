@@ -142,15 +142,21 @@ class Machine:
             attach = asyncio.ensure_future(self._attach(timeout))
             died = asyncio.ensure_future(self.process.wait())
             await asyncio.wait({attach, died}, return_when=asyncio.FIRST_COMPLETED)
-            if not attach.done():
+            if attach.done() and attach.exception() is None:
+                died.cancel()
+                return
+            if attach.done():  # attach failed: because QEMU died (either may notice first)?
+                await asyncio.wait({died}, timeout=2)
+                if not died.done():
+                    died.cancel()
+                    attach.result()  # QEMU runs: attach's own error
+            else:
                 attach.cancel()
                 with contextlib.suppress(BaseException):
                     await attach
-                lines = log.read_text(errors="replace").splitlines()[1:]
-                raise VmError(f"{self.name}: QEMU exited with status {self.process.returncode} "
-                              f"at start: {lines[-1] if lines else 'no message'}")
-            died.cancel()
-            attach.result()
+            lines = log.read_text(errors="replace").splitlines()[1:]
+            raise VmError(f"{self.name}: QEMU exited with status {self.process.returncode} "
+                          f"at start: {lines[-1] if lines else 'no message'}")
         except BaseException:
             await self.close()
             raise
