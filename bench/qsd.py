@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import select
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # the workloads and their tools are bench/serve.py's, so the rows compare like with like
-from serve import rand4k, run, seq1m, snapread
+from serve import rand4k, run, seq1m, snapread, stop
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,13 +54,7 @@ def serve(work: Path, image: Path, backend: str, snapshots: int) -> Iterator[tup
                        "--control", str(ctl), f"disk@b{i}").strip()  # fmt: skip
         yield f"nbd+unix:///disk?socket={sock}", snap
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)
         shutil.rmtree(store, ignore_errors=True)
 
 

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import select
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +17,7 @@ import pytest
 
 from snapimg.cli.main import main
 from tests.inspect.helpers import GptDisk, NbdExport, inspect_json, run
+from tests.interop.serving import Serve
 
 SNAPIMG = [sys.executable, "-m", "snapimg.cli.main"]
 
@@ -53,51 +50,17 @@ def test_qsd_export_reads_like_the_file(
     assert main(["diff", exp.uri, str(gpt_disk.path)]) == 0
 
 
-class _Serve:
-    def __init__(self, workdir: Path, image: Path) -> None:
-        self.socket, self.control = workdir / "nbd.sock", workdir / "ctl.sock"
-        self.store = workdir / "store"
-        self.proc = subprocess.Popen(
-            [*SNAPIMG, "serve", f"disk={image}", "--socket", str(self.socket),
-             "--control", str(self.control), "--store-dir", str(self.store)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            start_new_session=True,
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if select.select([self.proc.stdout], [], [], 0.5)[0]:
-                self.proc.stdout.readline()
-                return
-        raise AssertionError("snapimg serve did not get ready")
-
-    def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.socket}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
 @pytest.fixture
-def served(gpt_disk: GptDisk, tmp_path: Path) -> Iterator[tuple[_Serve, Path]]:
+def served(gpt_disk: GptDisk, tmp_path: Path,
+           serve: Callable[..., Serve]) -> tuple[Serve, Path]:
     image = tmp_path / "vm.img"
     shutil.copyfile(gpt_disk.path, image)
-    s = _Serve(tmp_path, image)
-    try:
-        yield s, image
-    finally:
-        s.stop()
+    return serve([f"disk={image}"]), image
 
 
 def test_live_snapshot_keeps_its_filesystems_while_the_origin_changes(
     gpt_disk: GptDisk,
-    served: tuple[_Serve, Path],
+    served: tuple[Serve, Path],
     capfdbinary: pytest.CaptureFixture[bytes],
 ) -> None:
     s, _ = served
