@@ -43,7 +43,8 @@ if [ ! -x "$venv/bin/python" ]; then
   /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
 stamp="$venv/.snapimg-installed"
-want=$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)
+# the install (and the C extension's build) is redone when the packaging or C code changes
+want=$(cat "$root/pyproject.toml" "$root/setup.py" "$root"/csrc/datapath/* | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "install: pip install -e .[dev] into $venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[dev]"

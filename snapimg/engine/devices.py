@@ -1,32 +1,29 @@
 """The engine's block devices (:class:`snapimg.blockdev.BlockDevice`): an origin with
-copy-before-write on every write, and a snapshot reading through the store."""
+copy-before-write on every write, and a snapshot reading through the store.
+
+Both stand on the data path's public methods (:class:`~snapimg.engine.datapath.DataPath`).
+``compiled`` is the C device serving this one on the compiled data path (None on the
+Python one): the NBD server hands a plain connection's transmission phase to it.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from snapimg.blockdev import Extent
-from snapimg.errors import ReadOnlyError
 
 if TYPE_CHECKING:
-    from snapimg.engine.engine import Engine, _Open
+    from snapimg._datapath import Device
+    from snapimg.engine.datapath import DataPath, OpenOrigin
     from snapimg.engine.snapshot import SnapshotState
-
-_STATUS_BLOCKS = 1 << 16  # blocks one block_status call looks at, at most
-
-
-def _merge(out: list[Extent], ext: Extent) -> None:
-    if out and out[-1].hole == ext.hole and out[-1].zero == ext.zero:
-        out[-1] = Extent(out[-1].length + ext.length, ext.hole, ext.zero)
-    elif ext.length:
-        out.append(ext)
 
 
 class OriginDevice:
-    def __init__(self, engine: Engine, origin: _Open) -> None:
-        self._engine = engine
+    def __init__(self, dp: DataPath, origin: OpenOrigin) -> None:
+        self._dp = dp
         self._o = origin
-        self.name = origin.entry.name
+        self.name = origin.name
+        self.compiled: Device | None = dp.compiled_origin(origin)
 
     @property
     def size(self) -> int:
@@ -45,41 +42,51 @@ class OriginDevice:
         return True
 
     def pread(self, offset: int, length: int) -> bytes:
-        self._engine._check_range(self.size, offset, length)
-        self._engine.check_io()
-        return self._o.file.pread(offset, length)
+        if self.compiled is not None:
+            return self.compiled.pread(offset, length)
+        return self._dp.origin_read(self._o, offset, length)
 
     def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        self._engine.origin_write(self._o, offset, data, fua)
+        if self.compiled is not None:
+            self.compiled.pwrite(offset, data, fua)
+        else:
+            self._dp.origin_write(self._o, offset, data, fua)
 
     def write_zeroes(
         self, offset: int, length: int, fua: bool = False, may_trim: bool = False
     ) -> None:
-        self._engine.origin_zero(self._o, offset, length, fua, punch=may_trim)
+        if self.compiled is not None:
+            self.compiled.write_zeroes(offset, length, fua, may_trim)
+        else:
+            self._dp.origin_zero(self._o, offset, length, fua, punch=may_trim)
 
     def trim(self, offset: int, length: int) -> None:
-        if self.can_trim:
-            self._engine.origin_zero(self._o, offset, length, False, punch=True)
+        if self.compiled is not None:
+            self.compiled.trim(offset, length)
+        elif self.can_trim:
+            self._dp.origin_zero(self._o, offset, length, False, punch=True)
         else:
-            self._engine._check_range(self.size, offset, length)
+            self._dp.check_range(self.size, offset, length)
 
     def flush(self) -> None:
-        self._engine.check_io()
-        self._engine._sync_store()
-        self._o.file.datasync()
+        if self.compiled is not None:
+            self.compiled.flush()
+        else:
+            self._dp.origin_flush(self._o)
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
-        self._engine._check_range(self.size, offset, length)
-        self._engine.check_io()
-        return self._o.file.extents(offset, length)
+        if self.compiled is not None:
+            return self.compiled.block_status(offset, length)
+        return self._dp.origin_block_status(self._o, offset, length)
 
 
 class SnapshotDevice:
-    def __init__(self, engine: Engine, origin: _Open, snap: SnapshotState) -> None:
-        self._engine = engine
+    def __init__(self, dp: DataPath, origin: OpenOrigin, snap: SnapshotState) -> None:
+        self._dp = dp
         self._o = origin
         self._s = snap
         self.name = f"{snap.origin}@{snap.name}"
+        self.compiled: Device | None = dp.compiled_snapshot(origin, snap)
 
     @property
     def size(self) -> int:
@@ -98,57 +105,38 @@ class SnapshotDevice:
         return True
 
     def pread(self, offset: int, length: int) -> bytes:
-        return self._engine.snap_read(self._o, self._s, offset, length)
+        if self.compiled is not None:
+            return self.compiled.pread(offset, length)
+        return self._dp.snap_read(self._o, self._s, offset, length)
 
     def pwrite(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        self._engine.snap_write(self._o, self._s, offset, data, fua)
+        if self.compiled is not None:
+            self.compiled.pwrite(offset, data, fua)
+        else:
+            self._dp.snap_write(self._o, self._s, offset, data, fua)
 
     def write_zeroes(
         self, offset: int, length: int, fua: bool = False, may_trim: bool = False
     ) -> None:
-        if not self._s.writable:
-            raise ReadOnlyError(f"snapshot {self.name} is read-only")
-        self._engine._check_range(self.size, offset, length)
-        chunk = 1 << 20
-        zeros = bytes(min(chunk, length))
-        pos = offset
-        while pos < offset + length:
-            n = min(chunk, offset + length - pos)
-            self._engine.snap_write(self._o, self._s, pos, zeros[:n], fua)
-            pos += n
+        if self.compiled is not None:
+            self.compiled.write_zeroes(offset, length, fua, may_trim)
+        else:
+            self._dp.snap_zero(self._o, self._s, offset, length, fua)
 
     def trim(self, offset: int, length: int) -> None:
         """Release: whole blocks in the range stop needing store space and read as EIO."""
-        self._engine.snap_release(self._o, self._s, offset, length)
+        if self.compiled is not None:
+            self.compiled.trim(offset, length)
+        else:
+            self._dp.snap_release(self._o, self._s, offset, length)
 
     def flush(self) -> None:
-        self._engine.check_io()
-        self._engine._sync_store()
+        if self.compiled is not None:
+            self.compiled.flush()
+        else:
+            self._dp.snap_flush()
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
-        """Preserved (and private) blocks are data; the rest is the origin's state."""
-        eng = self._engine
-        eng._check_range(self.size, offset, length)
-        eng.check_io()
-        eng._check_valid(self._s)
-        if not length:
-            return []
-        bs = eng.block_size
-        end = offset + length
-        b0 = offset // bs
-        b1 = min((end - 1) // bs + 1, b0 + _STATUS_BLOCKS)
-        out: list[Extent] = []
-        for slot, b, count in eng.snap_is_preserved(self._o, self._s, b0, b1 - b0):
-            lo, hi = max(offset, b * bs), min(end, (b + count) * bs)
-            if slot >= 0:
-                _merge(out, Extent(hi - lo, False, False))
-                continue
-            pos = lo
-            while pos < hi:
-                exts = self._o.file.extents(pos, hi - pos)
-                if not exts:
-                    break
-                for ext in exts:
-                    _merge(out, ext)
-                    pos += ext.length
-        return out
+        if self.compiled is not None:
+            return self.compiled.block_status(offset, length)
+        return self._dp.snap_block_status(self._o, self._s, offset, length)

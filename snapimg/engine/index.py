@@ -1,126 +1,49 @@
 """Block association of one origin: which store slot holds which snapshot's old block.
 
 Snapshots of an origin get increasing generation numbers.  For every origin block the
-sparse :class:`BlockTable` holds one packed entry ``gen << 40 | slot + 1`` for the
-*latest* copy of that block (0: never copied).  A copy taken while the newest live
-snapshot was ``h`` holds the block as it was when every snapshot with a generation in
-``(p, h]`` was created, ``p`` being the generation of the block's previous copy: one
-copy serves all of them.  Older copies that a live snapshot still needs move to the
-small ``overflow`` dict (block -> entries, oldest first).  Snapshot ``g`` reads block
-``b`` from the first copy whose generation is ``>= g``, else from the origin.
+block table (:mod:`snapimg.engine.table`) holds one packed entry for the *latest* copy
+of that block (0: never copied).  A copy taken while the newest live snapshot was ``h``
+holds the block as it was when every snapshot with a generation in ``(p, h]`` was
+created, ``p`` being the generation of the block's previous copy: one copy serves all
+of them.  Older copies that a live snapshot still needs move to the small ``overflow``
+dict (block -> entries, oldest first).  Snapshot ``g`` reads block ``b`` from the first
+copy whose generation is ``>= g``, else from the origin (:meth:`OriginIndex.sources`).
 
-The table costs 8 bytes per origin block in chunks allocated on first touch, so a
-snapshot of a huge sparse origin is created in O(1) and lookups are O(1).
-
-Everything here is pure in-memory bookkeeping, called with the engine's metadata lock
-held; the same calls replay the store's log on open, so they must be deterministic.
-Functions that stop needing a slot return it so the caller can free it in the store.
+Everything here is pure in-memory bookkeeping, called with the data path's metadata
+lock held; the same calls replay the store's log on open, so they must be
+deterministic.  Functions that stop needing a slot return it so the caller can free it
+in the store.  After every change of the live set or of a snapshot's validity or
+exclusions the index publishes its view to the table (for the compiled data path),
+always before the caller frees the slots it returned.
 """
 
 from __future__ import annotations
 
 from array import array
 from bisect import bisect_right, insort
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from snapimg.engine.snapshot import SnapshotState
+from snapimg.engine.table import (
+    CHUNK_SHIFT,
+    GEN_SHIFT,
+    SLOT_MASK,
+    SNAP_SIMPLE,
+    SNAP_VALID,
+    BlockTable,
+    Table,
+    pack,
+)
 
-GEN_SHIFT = 40
-SLOT_MASK = (1 << GEN_SHIFT) - 1
-MAX_GEN = (1 << 24) - 1
-CHUNK_SHIFT = 12
-CHUNK = 1 << CHUNK_SHIFT
-_ZERO_CHUNK = array("Q", bytes(8 * CHUNK))
-
-
-def pack(gen: int, slot: int) -> int:
-    return gen << GEN_SHIFT | (slot + 1)
-
-
-def gen_of(entry: int) -> int:
-    return entry >> GEN_SHIFT
-
-
-def slot_of(entry: int) -> int:
-    return (entry & SLOT_MASK) - 1
-
-
-class BlockTable:
-    """A sparse array of uint64, in chunks of 4096 entries allocated on first write."""
-
-    def __init__(self, nblocks: int) -> None:
-        self.nblocks = nblocks
-        self.chunks: dict[int, array[int]] = {}
-        self.chunk_max_gen: dict[int, int] = {}
-
-    def get(self, b: int) -> int:
-        chunk = self.chunks.get(b >> CHUNK_SHIFT)
-        return 0 if chunk is None else chunk[b & (CHUNK - 1)]
-
-    def get_run(self, b: int, n: int) -> array[int]:
-        ci, off = b >> CHUNK_SHIFT, b & (CHUNK - 1)
-        if off + n <= CHUNK:
-            chunk = self.chunks.get(ci, _ZERO_CHUNK)
-            return chunk[off : off + n]
-        out = array("Q")
-        while n > 0:
-            take = min(n, CHUNK - off)
-            out.extend(self.chunks.get(ci, _ZERO_CHUNK)[off : off + take])
-            n -= take
-            ci, off = ci + 1, 0
-        return out
-
-    def set(self, b: int, entry: int) -> None:
-        ci = b >> CHUNK_SHIFT
-        chunk = self.chunks.get(ci)
-        if chunk is None:
-            if not entry:
-                return
-            chunk = self.chunks[ci] = array("Q", _ZERO_CHUNK)
-        chunk[b & (CHUNK - 1)] = entry
-        g = entry >> GEN_SHIFT
-        if g > self.chunk_max_gen.get(ci, 0):
-            self.chunk_max_gen[ci] = g
-
-    def set_run(self, b: int, first: int, n: int) -> None:
-        """Entries ``first, first+1, ...`` (one generation, consecutive slots) for
-        blocks [b, b+n)."""
-        while n > 0:
-            ci, off = b >> CHUNK_SHIFT, b & (CHUNK - 1)
-            take = min(n, CHUNK - off)
-            chunk = self.chunks.get(ci)
-            if chunk is None:
-                chunk = self.chunks[ci] = array("Q", _ZERO_CHUNK)
-            chunk[off : off + take] = array("Q", range(first, first + take))
-            g = first >> GEN_SHIFT
-            if g > self.chunk_max_gen.get(ci, 0):
-                self.chunk_max_gen[ci] = g
-            b, n, first = b + take, n - take, first + take
-
-    def blocks_from_gen(self, lo: int) -> Iterator[tuple[int, int]]:
-        """(block, entry) for every entry whose generation is ``>= lo``, ascending."""
-        limit = lo << GEN_SHIFT
-        for ci in sorted(self.chunks):
-            if self.chunk_max_gen.get(ci, 0) < lo:
-                continue
-            base = ci << CHUNK_SHIFT
-            chunk = self.chunks[ci]
-            if max(chunk) < limit:
-                continue
-            for i, e in enumerate(chunk):
-                if e >= limit:
-                    yield base + i, e
-
-    def nbytes(self) -> int:
-        return sum(c.buffer_info()[1] * c.itemsize for c in self.chunks.values())
+Segment = tuple[int, int, int]  # (slot, or -1 for the origin; first block; count)
 
 
 class OriginIndex:
     """The snapshots of one origin and the association of their preserved blocks."""
 
-    def __init__(self, nblocks: int) -> None:
+    def __init__(self, nblocks: int, table: Callable[[int], Table] = BlockTable) -> None:
         self.nblocks = nblocks
-        self.table = BlockTable(nblocks)
+        self.table: Table = table(nblocks)
         self.overflow: dict[int, list[int]] = {}
         self.snaps: dict[int, SnapshotState] = {}  # by generation, valid or not
         self.live: list[int] = []  # generations of valid snapshots, ascending
@@ -133,12 +56,21 @@ class OriginIndex:
     def newest(self) -> int:
         return self.live[-1] if self.live else 0
 
+    def publish(self) -> None:
+        """Tell the table the live view (after any change of it)."""
+        flags = [
+            (g, (SNAP_VALID if s.valid else 0) | (0 if s.has_exclusions else SNAP_SIMPLE))
+            for g, s in self.snaps.items()
+        ]
+        self.table.publish(self.newest, self.excluding, flags)
+
     def add_snapshot(self, snap: SnapshotState) -> None:
         self.snaps[snap.gen] = snap
         self.next_gen = max(self.next_gen, snap.gen + 1)
         if snap.valid:
             insort(self.live, snap.gen)
             self.excluding += snap.has_exclusions
+        self.publish()
 
     def _retire(self, snap: SnapshotState) -> list[int]:
         """Take ``snap`` out of the live set and free what only it needed."""
@@ -155,6 +87,7 @@ class OriginIndex:
         snap = self.snaps.pop(gen)
         freed = self._retire(snap)
         snap.dropped = True
+        self.publish()
         return freed
 
     def invalidate(self, gen: int, reason: str, when: float) -> list[int]:
@@ -163,6 +96,7 @@ class OriginIndex:
             return []
         freed = self._retire(snap)
         snap.invalidate(reason, when)
+        self.publish()
         return freed
 
     # -- lookups ----------------------------------------------------------------------
@@ -178,6 +112,38 @@ class OriginIndex:
                 if o >> GEN_SHIFT >= gen:
                     return (o & SLOT_MASK) - 1
         return (e & SLOT_MASK) - 1
+
+    def sources(self, snap: SnapshotState, b0: int, n: int) -> list[Segment]:
+        """Where snapshot ``snap`` reads blocks [b0, b0+n) from, as merged segments:
+        consecutive slots, or the origin (slot -1)."""
+        ents = self.table.get_run(b0, n)
+        limit = snap.gen << GEN_SHIFT
+        private, overflow = snap.private, self.overflow
+        if not private:
+            if max(ents) < limit:
+                return [(-1, b0, n)]
+            first = ents[0]
+            # one run of consecutive slots of one generation, no older versions around
+            if first >= limit and not overflow and ents == array("Q", range(first, first + n)):
+                return [((first & SLOT_MASK) - 1, b0, n)]
+        segs: list[list[int]] = []
+        for i, e in enumerate(ents):
+            b = b0 + i
+            if private and b in private:
+                slot = private[b]
+            elif e < limit:
+                slot = -1
+            elif overflow and b in overflow:
+                slot = self.lookup(b, snap.gen)
+            else:
+                slot = (e & SLOT_MASK) - 1
+            if segs:
+                last = segs[-1]
+                if (slot < 0 and last[0] < 0) or (last[0] >= 0 and slot == last[0] + last[2]):
+                    last[2] += 1
+                    continue
+            segs.append([slot, b, 1])
+        return [(slot, b, count) for slot, b, count in segs]
 
     def needers(self, b: int, p: int, h: int) -> list[SnapshotState]:
         """Live snapshots with a generation in (p, h] that read block ``b`` through a
@@ -246,7 +212,7 @@ class OriginIndex:
         Each block's copy becomes its latest unless another writer preserved it first
         or no live snapshot needs it; those slots come back for freeing."""
         unused: list[int] = []
-        table, overflow = self.table, self.overflow
+        table = self.table
         if not self.excluding and not max(table.get_run(b0, n)):
             fresh = self.needers(b0, 0, gen)  # never copied: the same needers for all
             if not fresh:
@@ -264,7 +230,7 @@ class OriginIndex:
                 unused.append(slot0 + i)
                 continue
             if old:
-                overflow.setdefault(b, []).append(old)
+                self._keep_older(b, old)
             table.set(b, pack(gen, slot0 + i))
             for s in nd:
                 s.preserved += 1
@@ -274,8 +240,17 @@ class OriginIndex:
         """Checkpoint replay: append ``entry`` as the block's newest copy."""
         old = self.table.get(b)
         if old:
-            self.overflow.setdefault(b, []).append(old)
+            self._keep_older(b, old)
         self.table.set(b, entry)
+
+    def _keep_older(self, b: int, entry: int) -> None:
+        """A newer copy of block ``b`` replaces ``entry`` as its latest: keep it."""
+        older = self.overflow.get(b)
+        if older is None:
+            self.overflow[b] = [entry]
+            self.table.mark_overflow(b, True)
+        else:
+            older.append(entry)
 
     def collect(self, b: int) -> list[int]:
         """Drop copies of block ``b`` that no live snapshot needs; return their slots."""
@@ -297,8 +272,8 @@ class OriginIndex:
             self.table.set(b, keep.pop() if keep else 0)
             if keep:
                 self.overflow[b] = keep
-            else:
-                self.overflow.pop(b, None)
+            elif self.overflow.pop(b, None) is not None:
+                self.table.mark_overflow(b, False)
         return freed
 
     def _exclude(self, snap: SnapshotState, b: int) -> list[int]:
@@ -330,6 +305,7 @@ class OriginIndex:
         self.excluding += snap.has_exclusions - before
         for b in touched:
             freed.extend(self.collect(b))
+        self.publish()
         return freed
 
     def add_private(self, gen: int, b: int, slot: int) -> list[int]:
@@ -341,6 +317,7 @@ class OriginIndex:
         snap.preserved += 1
         self.excluding += snap.has_exclusions - before
         freed.extend(self.collect(b))
+        self.publish()
         return freed
 
     def restore_private(self, gen: int, b: int, slot: int) -> None:
@@ -348,12 +325,16 @@ class OriginIndex:
         before = snap.has_exclusions
         snap.private[b] = slot
         self.excluding += snap.has_exclusions - before
+        if not before:
+            self.publish()
 
     def restore_released(self, gen: int, b0: int, n: int) -> None:
         snap = self.snaps[gen]
         before = snap.has_exclusions
         snap.released.add(b0, b0 + n)
         self.excluding += snap.has_exclusions - before
+        if not before:
+            self.publish()
 
     # -- walking ----------------------------------------------------------------------
 
@@ -379,10 +360,10 @@ class OriginIndex:
         for b in sorted(self.overflow):
             for e in self.overflow[b]:
                 yield b, 1, e >> GEN_SHIFT, (e & SLOT_MASK) - 1
-        for ci in sorted(self.table.chunks):
+        for ci, chunk in self.table.chunk_items():
             base = ci << CHUNK_SHIFT
             run: list[int] | None = None  # [block, count, gen, slot]
-            for i, e in enumerate(self.table.chunks[ci]):
+            for i, e in enumerate(chunk):
                 if not e:
                     continue
                 g, s = e >> GEN_SHIFT, (e & SLOT_MASK) - 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from snapimg.engine import records as R
 from snapimg.engine.origin import Origin
 from snapimg.engine.state import StoreState
 from snapimg.engine.store import Fault, FileStore, Store, read_store
+from snapimg.engine.table import Table
 from snapimg.errors import StoreError, StoreFormatError, StoreMismatchError
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
@@ -28,6 +30,7 @@ def open_file_store(
     strict: bool,
     boot: str,
     fault: Fault | None,
+    table: Callable[[int], Table] | None = None,
 ) -> tuple[FileStore, StoreState]:
     """Lock, read and check the store in ``path`` against ``files``, replay it, register
     new origins, then write a fresh checkpoint.  Nothing is written before every check
@@ -35,7 +38,7 @@ def open_file_store(
     store = FileStore(path, block_size, strict, boot, fault)
     store.lock()
     try:
-        state = StoreState(block_size)
+        state = StoreState(block_size) if table is None else StoreState(block_size, table)
         loaded = read_store(path, boot_id=boot)
         if loaded is not None:
             hdr = loaded.header

@@ -3,12 +3,13 @@ association, changed only through :meth:`StoreState.apply` (live and on replay a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from snapimg.engine import records as R
-from snapimg.engine.index import OriginIndex, pack
+from snapimg.engine.index import OriginIndex
 from snapimg.engine.snapshot import SnapshotState
+from snapimg.engine.table import BlockTable, Table, pack
 from snapimg.errors import StoreFormatError
 
 
@@ -22,8 +23,11 @@ class OriginEntry:
 
 
 class StoreState:
-    def __init__(self, block_size: int) -> None:
+    """``table``: the block table class of the data path (Python or compiled)."""
+
+    def __init__(self, block_size: int, table: Callable[[int], Table] = BlockTable) -> None:
         self.block_size = block_size
+        self.table = table
         self.by_id: dict[int, OriginEntry] = {}
         self.by_name: dict[str, OriginEntry] = {}
 
@@ -88,7 +92,9 @@ class StoreState:
             )
             return []
         nblocks = (rec.size + self.block_size - 1) // self.block_size
-        oe = OriginEntry(rec.origin, rec.name, rec.size, rec.fingerprint, OriginIndex(nblocks))
+        oe = OriginEntry(
+            rec.origin, rec.name, rec.size, rec.fingerprint, OriginIndex(nblocks, self.table)
+        )
         oe.index.next_gen = rec.next_gen
         self.by_id[rec.origin] = oe
         self.by_name[rec.name] = oe

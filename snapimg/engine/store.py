@@ -306,6 +306,7 @@ class FileStore(Store):
         self._synced = 0
         self._syncing = False
         self._sync_cond = threading.Condition()
+        self.on_reopen: Callable[[], None] | None = None  # the meta file was replaced
 
     def lock(self) -> None:
         """Take the store directory's lock (before reading it)."""
@@ -357,6 +358,8 @@ class FileStore(Store):
         self.checkpoint_end = len(blob)
         self._reserved = 0
         self._reserve_log()
+        if self.on_reopen is not None:
+            self.on_reopen()
 
     def _grown(self) -> None:
         if self.slots.end > self._data_reserved:

@@ -6,6 +6,7 @@ refused request: errors become NBD error replies.  Both transmission loops use i
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import NamedTuple
 
@@ -61,15 +62,22 @@ def serve_request(ctx: Context, req: Request, payload: bytes | bytearray | None)
         return _execute(ctx, req, payload)
     except RequestError as err:
         return error_reply(ctx.structured, req, err.error, str(err))
-    except DeviceError as err:
-        return error_reply(ctx.structured, req, p.nbd_error(err.errno), str(err))
-    except OSError as err:
-        return error_reply(ctx.structured, req, p.nbd_error(err.errno or 0), str(err))
-    except SnapimgError as err:  # e.g. the snapshot was dropped under this request
-        return error_reply(ctx.structured, req, p.NBD_EIO, str(err))
-    except Exception as err:  # a bug: report EIO to this request, keep serving
-        log.exception("%s failed", p.COMMAND_NAMES.get(req.cmd, req.cmd))
-        return error_reply(ctx.structured, req, p.NBD_EIO, f"internal error: {err}")
+    except Exception as err:
+        error, message = describe_error(err)
+        return error_reply(ctx.structured, req, p.nbd_error(error), message)
+
+
+def describe_error(err: BaseException) -> tuple[int, str]:
+    """The errno and message with which a request that raised ``err`` is refused."""
+    if isinstance(err, DeviceError):
+        return err.errno, str(err)
+    if isinstance(err, OSError):
+        return err.errno or errno.EIO, str(err)
+    if isinstance(err, SnapimgError):  # e.g. the snapshot was dropped under this request
+        return errno.EIO, str(err)
+    # a bug: report EIO to this request, keep serving
+    log.error("request failed", exc_info=err)
+    return errno.EIO, f"internal error: {err}"
 
 
 def check(ctx: Context, req: Request) -> None:

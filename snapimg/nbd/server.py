@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import cast
 
 from snapimg.errors import UsageError
+from snapimg.nbd.compiled import CompiledTransmission
 from snapimg.nbd.exports import ExportTable
 from snapimg.nbd.handshake import Session, negotiate
 from snapimg.nbd.requests import Context
@@ -30,6 +31,7 @@ from snapimg.nbd.transmission import Transmission
 
 log = logging.getLogger(__name__)
 
+PlainConnection = ThreadedTransmission | CompiledTransmission  # transmission without TLS
 _STREAM_LIMIT = 4 << 20  # StreamReader buffer high-water mark: whole 1 MiB writes at once
 _SOCKET_BUFFER = 4 << 20  # SO_SNDBUF of served connections
 
@@ -50,7 +52,7 @@ class NbdServer:
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
         self._conns: dict[asyncio.Task[None], Session] = {}
-        self._threaded: dict[asyncio.Task[None], ThreadedTransmission] = {}
+        self._threaded: dict[asyncio.Task[None], PlainConnection] = {}
         exports.on_removal(self.disconnect_export)
 
     async def listen_unix(self, path: Path) -> None:
@@ -142,7 +144,11 @@ class NbdServer:
                 loop.call_soon_threadsafe(resolve)
 
         ctx = Context(session.export.device, session.structured, session.base_allocation)
-        conn = ThreadedTransmission(sock, leftover, ctx, finished)
+        conn: PlainConnection
+        if getattr(ctx.dev, "compiled", None) is not None:
+            conn = CompiledTransmission(sock, leftover, ctx, finished)
+        else:
+            conn = ThreadedTransmission(sock, leftover, ctx, finished)
         self._threaded[task] = conn
         try:
             conn.start()

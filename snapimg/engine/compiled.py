@@ -1,0 +1,209 @@
+"""The compiled data path: C decides the common cases, the Python reference the rest.
+
+``snapimg._datapath`` (csrc/datapath/, built by ``pip install``) serves origin and
+snapshot I/O without the GIL: the copy-before-write decision, the block copy, origin
+reads and writes, snapshot reads and block status, flushes, and a plain NBD
+connection's whole transmission phase.  It calls back into this module's slow paths,
+which run the reference methods of :class:`~snapimg.engine.datapath.DataPath`, where
+Python must decide: a copy to plan, allocate and record (store policies and the log
+stay in Python), snapshot writes and releases, snapshots with private or released
+blocks, a store without files (RAM store, injected faults).
+
+The block table lives in C (``_datapath.Table``), written by the index under the
+data path's lock and read by C without it; the protocol between the two (who holds
+which lock, what is published when) is in docs/architecture.md.
+
+``SNAPIMG_DATAPATH`` selects the data path: ``compiled`` (the default where the
+extension is built), or ``python`` (the reference implementation).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from snapimg.blockdev import Extent
+from snapimg.engine.datapath import DataPath, OpenOrigin
+from snapimg.engine.snapshot import SnapshotState
+from snapimg.engine.state import StoreState
+from snapimg.engine.store import FileStore, Store
+from snapimg.engine.table import Table
+from snapimg.errors import UsageError
+
+if TYPE_CHECKING:
+    from snapimg._datapath import Core, Device
+
+_datapath: ModuleType | None
+try:
+    from snapimg import _datapath
+except ImportError:  # not built: the Python data path only
+    _datapath = None
+
+ENV = "SNAPIMG_DATAPATH"
+REFLINK_ENV = "SNAPIMG_REFLINK"  # "off": never clone blocks (benchmarks compare)
+
+
+def available() -> bool:
+    return _datapath is not None
+
+
+def choose(requested: str | None) -> bool:
+    """True for the compiled data path: ``requested``, else $SNAPIMG_DATAPATH, else
+    compiled where the extension is built."""
+    want = requested or os.environ.get(ENV) or "auto"
+    if want == "python":
+        return False
+    if want == "compiled":
+        if _datapath is None:
+            raise UsageError(
+                f"{ENV}=compiled, but the C extension snapimg._datapath is not built "
+                "(reinstall snapimg with gcc and python3-dev present)"
+            )
+        return True
+    if want == "auto":
+        return _datapath is not None
+    raise UsageError(f"bad {ENV} {want!r}: expected compiled or python")
+
+
+def table_class() -> Callable[[int], Table]:
+    assert _datapath is not None
+    factory: Callable[[int], Table] = _datapath.Table
+    return factory
+
+
+def name_of(dp: DataPath) -> str:
+    return "compiled" if isinstance(dp, CompiledDataPath) else "python"
+
+
+class CompiledBarrier(_datapath.Barrier if _datapath else object):  # type: ignore[misc]
+    """The C barrier, with the context managers of :class:`~snapimg.engine.barrier.Barrier`."""
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
+        try:
+            yield
+        finally:
+            self.release_shared()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        self.acquire_exclusive()
+        try:
+            yield
+        finally:
+            self.release_exclusive()
+
+
+class OriginSlowPath:
+    """What C asks Python for on an origin: the copies a write needs first."""
+
+    def __init__(self, dp: DataPath, o: OpenOrigin) -> None:
+        self.dp = dp
+        self.o = o
+
+    def preserve(self, b0: int, b1: int) -> bool:
+        """Copy what live snapshots need of blocks [b0, b1) (the barrier is held shared
+        by the C caller); True: freed store space waits to be given back."""
+        self.dp.preserve(self.o, b0, b1)
+        return bool(self.dp.store.pending)
+
+    def reclaim(self) -> None:
+        self.dp.store.reclaim()
+
+
+class SnapshotSlowPath:
+    """The snapshot operations C leaves to the reference data path."""
+
+    def __init__(self, dp: DataPath, o: OpenOrigin, s: SnapshotState) -> None:
+        self.dp = dp
+        self.o = o
+        self.s = s
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.dp.snap_read(self.o, self.s, offset, length)
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        self.dp.snap_write(self.o, self.s, offset, data, fua)
+
+    def zero(self, offset: int, length: int, fua: bool) -> None:
+        self.dp.snap_zero(self.o, self.s, offset, length, fua)
+
+    def trim(self, offset: int, length: int) -> None:
+        self.dp.snap_release(self.o, self.s, offset, length)
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        return self.dp.snap_block_status(self.o, self.s, offset, length)
+
+
+class CompiledDataPath(DataPath):
+    def __init__(
+        self, store: Store, state: StoreState, origins: dict[str, OpenOrigin], strict: bool
+    ) -> None:
+        assert _datapath is not None
+        barrier = CompiledBarrier()
+        super().__init__(store, state, origins, strict, barrier)
+        self.core: Core = _datapath.Core(self.block_size, barrier, self.sync_store)
+        self._numbers: dict[str, int] = {}
+        reflink = os.environ.get(REFLINK_ENV, "on") != "off"
+        for name, o in origins.items():
+            self._numbers[name] = self.core.add_origin(
+                fd=o.file.fd,
+                size=o.file.size,
+                table=o.index.table,
+                is_block=o.file.is_block,
+                reflink=reflink and self._same_filesystem(o),
+            )
+        self._bind_store()
+        if isinstance(store, FileStore):
+            store.on_reopen = self._bind_store  # the log file is replaced at checkpoints
+
+    def _same_filesystem(self, o: OpenOrigin) -> bool:
+        if not isinstance(self.store, FileStore):
+            return False
+        return os.fstat(self.store.data_fd).st_dev == os.fstat(o.file.fd).st_dev
+
+    def _bind_store(self) -> None:
+        """Store files for C, unless the store has none or faults are injected."""
+        store = self.store
+        if isinstance(store, FileStore) and store.fault is None:
+            self.core.set_store(store.data_fd, store.meta_fd)
+        else:
+            self.core.set_store(-1, -1)
+
+    def close(self) -> None:
+        super().close()
+        self.core.close()
+
+    def copy_blocks(self, o: OpenOrigin, b: int, n: int, extents: list[tuple[int, int]]) -> None:
+        if not isinstance(self.store, FileStore) or self.store.fault is not None:
+            super().copy_blocks(o, b, n, extents)
+            return
+        self.core.copy(self._numbers[o.name], b, extents)
+
+    def reflink(self, origin: str) -> bool:
+        """Whether copies of ``origin``'s blocks are clones (so far)."""
+        return self.core.reflink(self._numbers[origin])
+
+    def copy_stats(self) -> dict[str, int]:
+        return self.core.stats()
+
+    def compiled_origin(self, o: OpenOrigin) -> Device:
+        return self.core.device(
+            self._numbers[o.name],
+            OriginSlowPath(self, o),
+            read_only=False,
+            can_trim=not o.file.is_block,
+        )
+
+    def compiled_snapshot(self, o: OpenOrigin, s: SnapshotState) -> Device:
+        return self.core.device(
+            self._numbers[o.name],
+            SnapshotSlowPath(self, o, s),
+            gen=s.gen,
+            read_only=not s.writable,
+            can_trim=True,
+        )
