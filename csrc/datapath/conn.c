@@ -192,6 +192,26 @@ static void trim_buffer(Worker *w)
     }
 }
 
+/* Big-endian fields at any alignment. */
+static uint16_t get16(const char *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return be16toh(v);
+}
+static uint32_t get32(const char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return be32toh(v);
+}
+static uint64_t get64(const char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return be64toh(v);
+}
+
 enum { GOT_REQUEST, GOT_ERROR, GOT_END };
 
 /* With the read turn: one request (a WRITE's payload into w->buf).  GOT_ERROR: the
@@ -200,13 +220,13 @@ static int next_request(Conn *c, Worker *w, Request *r, int *err)
 {
     if (fill(c, REQUEST_SIZE))
         return GOT_END;
-    const unsigned char *p = (const unsigned char *)c->in + c->in_start;
-    uint32_t magic = be32toh(*(const uint32_t *)p);
-    r->flags = be16toh(*(const uint16_t *)(p + 4));
-    r->type = be16toh(*(const uint16_t *)(p + 6));
+    const char *p = c->in + c->in_start;
+    uint32_t magic = get32(p);
+    r->flags = get16(p + 4);
+    r->type = get16(p + 6);
     memcpy(&r->handle, p + 8, 8); /* opaque: echoed as received */
-    r->offset = be64toh(*(const uint64_t *)(p + 16));
-    r->length = be32toh(*(const uint32_t *)(p + 24));
+    r->offset = get64(p + 16);
+    r->length = get32(p + 24);
     c->in_start += REQUEST_SIZE;
     if (magic != NBD_REQUEST_MAGIC) {
         snprintf(c->why, sizeof(c->why), "bad request magic %#x: disconnecting", magic);
@@ -337,8 +357,7 @@ static void reply_extents(Conn *c, Worker *w, const Request *r, const CExtent *e
         if (!len)
             continue;
         if (count && last_state == ext[i].state) {
-            uint32_t merged = (uint32_t)(be32toh(*(uint32_t *)(p - 8)) + len);
-            put32(p - 8, merged);
+            put32(p - 8, (uint32_t)(get32(p - 8) + len));
         } else {
             if (count == MAX_DESCRIPTORS)
                 break;

@@ -61,6 +61,8 @@ class ExportInfo:
 class Backend(Protocol):
     """A running data plane: its exports and the snapshot lifecycle."""
 
+    datapath: str  # what moves the data: "compiled", "python" or "qemu-storage-daemon"
+
     async def exports(self) -> list[ExportInfo]: ...
 
     async def create_snapshot(

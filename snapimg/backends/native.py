@@ -34,6 +34,7 @@ class NativeBackend:
     def __init__(self, config: ServeConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
+        self.datapath = engine.datapath  # "compiled" or "python"
         self.table = ExportTable()
         self.server = NbdServer(self.table, tls=tls_context(config))
 

@@ -180,7 +180,7 @@ async def _run(config: ServeConfig, kind: str, control_path: Path, pid_file: Pat
         tcp = f" tcp={config.tcp[0]}:{config.tcp[1]}" if config.tcp else ""
         print(
             f"snapimg serve: ready socket={config.socket}{tcp} control={control_path} "
-            f"exports={','.join(names)} pid={os.getpid()}",
+            f"exports={','.join(names)} pid={os.getpid()} datapath={backend.datapath}",
             flush=True,
         )
         death = await _until_stopped_or_dead(stop, backend)

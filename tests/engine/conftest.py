@@ -17,3 +17,19 @@ def image(tmp_path: Path) -> tuple[Path, bytes]:
 @pytest.fixture(params=["ram", "file"])
 def store_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
     return None if request.param == "ram" else tmp_path / "store"
+
+
+@pytest.fixture(autouse=True)
+def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The data path this test runs on (children inherit it through the environment)."""
+    param: str | None = getattr(request, "param", None)
+    if param is not None:
+        monkeypatch.setenv("SNAPIMG_DATAPATH", param)
+    return param
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every engine test function runs on both data paths; the hypothesis model test,
+    a unittest class (no parameters there), has one class per path."""
+    if "datapath" in metafunc.fixturenames:
+        metafunc.parametrize("datapath", ["compiled", "python"], indirect=True)

@@ -50,6 +50,7 @@ class ModelSnap:
 
 class EngineModel(RuleBasedStateMachine):
     snaps = Bundle("snaps")
+    datapath = "python"
 
     def __init__(self) -> None:
         super().__init__()
@@ -69,7 +70,7 @@ class EngineModel(RuleBasedStateMachine):
 
     def _open(self) -> Engine:
         store = None if self.ram else self.dir / "store"
-        return Engine.open(store, {"d": self.path}, block_size=BS)
+        return Engine.open(store, {"d": self.path}, block_size=BS, datapath=self.datapath)
 
     @property
     def e(self) -> Engine:
@@ -201,10 +202,17 @@ class EngineModel(RuleBasedStateMachine):
         assert len(used) <= sum(len(m.preserved) for m in self.model.values())
 
 
-EngineModel.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+class CompiledEngineModel(EngineModel):
+    datapath = "compiled"
+
+
+# unittest classes (hypothesis' TestCase) take no pytest parameters: one class per path
+for machine in (EngineModel, CompiledEngineModel):
+    machine.TestCase.settings = settings(
+        max_examples=60,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 TestEngineModel = EngineModel.TestCase
+TestCompiledEngineModel = CompiledEngineModel.TestCase

@@ -36,10 +36,13 @@ def one_line_error(proc: object, *words: str) -> None:
         assert w in lines[0], lines[0]
 
 
-def test_lifecycle_restart_and_sockets(tmp_path: Path, serve: Callable[..., Serve]) -> None:
+def test_lifecycle_restart_and_sockets(
+    tmp_path: Path, serve: Callable[..., Serve], datapath: str
+) -> None:
     img = image(tmp_path / "vm.img")
     s = serve([f"disk={img}"])
     assert "ready" in s.ready_line and "disk" in s.ready_line
+    assert f"datapath={datapath}" in s.ready_line
     assert int(s.pid_file.read_text()) == s.proc.pid
     for sock in (s.socket, s.control):
         mode = sock.stat().st_mode

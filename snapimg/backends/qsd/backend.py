@@ -50,6 +50,7 @@ class QsdBackend:
     def __init__(self, daemon: Daemon, socket: Path, store_dir: Path, block_size: int) -> None:
         self.daemon = daemon
         self.qmp = daemon.qmp
+        self.datapath = "qemu-storage-daemon"
         self.socket = socket
         self.store_dir = store_dir
         self.cluster_size = max(block_size, COPY_GRANULARITY)
