@@ -21,18 +21,32 @@ ls "$work"/snapimg/_datapath*.so >/dev/null
 # repository's does in a normal run), and so do the `snapimg serve` children.
 cp -r "$root/tests" "$root/pyproject.toml" "$work/"
 export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"
-export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+# Only Python processes get the sanitizer runtimes (QEMU's tools under ASan hang in
+# their coroutines): every Python started with this copy's sitecustomize re-executes
+# itself once with LD_PRELOAD, and takes it out of the environment of its children.
+export SNAPIMG_SANITIZE_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+cat >"$work/sitecustomize.py" <<'PY'
+import os
+import sys
+
+_libs = os.environ.get("SNAPIMG_SANITIZE_PRELOAD")
+if _libs and os.environ.get("LD_PRELOAD") != _libs:
+    os.environ["LD_PRELOAD"] = _libs
+    os.execv(sys.executable, sys.orig_argv)
+elif _libs:
+    del os.environ["LD_PRELOAD"]
+PY
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$work/asan"
-echo "sanitize: reports go to $work/asan.* and $work/ubsan.*" >&2
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$work/ubsan"
+echo "sanitize: reports go to $work/asan.* and $work/ubsan.*" >&2
 cd "$work"
-loaded=$("$python" -c 'import snapimg._datapath as m; print(m.__file__)')
+loaded=$("$python" -c 'import os, snapimg._datapath as m; assert "asan" in open("/proc/self/maps").read(); print(m.__file__)')
 case "$loaded" in
   "$work"/*) ;;
   *) echo "sanitize: the sanitized build is not the one imported ($loaded)" >&2; exit 1 ;;
 esac
 status=0
-"$python" -m pytest -q -p no:cacheprovider tests/engine tests/nbd/test_compiled.py \
+"$python" -m pytest -q -p no:cacheprovider tests/engine tests/nbd/test_compiled.py tests/datapath \
     tests/interop "$@" || status=$?
 if ls "$work"/asan.* "$work"/ubsan.* >/dev/null 2>&1; then
   cat "$work"/asan.* "$work"/ubsan.* 2>/dev/null >&2

@@ -228,13 +228,14 @@ class Differential:
 
     def check_lists(self) -> None:
         """Both servers list the same snapshots, equally valid, equally full."""
-        lists = []
-        for s in self.sides:
-            lists.append(
-                [(i.name, i.valid, i.reason, i.preserved_blocks) for i in s.control.list_snapshots()]
-            )
-        strip = [[(n, v, (r or "").split(" (at ")[0], p) for n, v, r, p in x] for x in lists]
-        assert strip[0] == strip[1]
+        lists = [
+            [
+                (i.name, i.valid, (i.reason or "").split(" (at ")[0], i.preserved_blocks)
+                for i in s.control.list_snapshots()
+            ]
+            for s in self.sides
+        ]
+        assert lists[0] == lists[1]
         for name, valid, _, _ in lists[0]:
             if name in self.snaps:
                 self.snaps[name].valid = valid
@@ -300,35 +301,46 @@ def test_same_streams_same_results(tmp_path: Path, seed: int) -> None:
     assert store_state(py / "store") == store_state(c / "store")
 
 
+def write_until(
+    side: Side, i: int, region: int, acked: bytearray, lock: threading.Lock,
+    stop: threading.Event, errors: list[BaseException],
+) -> None:
+    """Connection ``i`` writes at random into its region; ``acked`` is that region as
+    acknowledged (updated under ``lock`` together with the write)."""
+    try:
+        h = side.handle("disk", i)
+        r = random.Random(i)
+        while not stop.is_set():
+            off = r.randrange(region - 9000)
+            data = r.randbytes(r.randrange(1, 9000))
+            with lock:
+                h.pwrite(data, i * region + off)
+                acked[off : off + len(data)] = data
+    except BaseException as err:  # reported by the test
+        errors.append(err)
+
+
 def test_concurrent_connections(tmp_path: Path) -> None:
-    """Connections writing at once into disjoint regions while snapshots are taken and
-    read: every snapshot equals the origin as acknowledged at its creation (each writer
-    records what it had acknowledged when the snapshot was created)."""
+    """Connections write at once into disjoint regions while snapshots are taken and
+    read: on both data paths every snapshot equals the image as acknowledged when it
+    was created (writers hold a lock per connection around each write and its record)."""
     rnd = random.Random(7)
     image = rnd.randbytes(SIZE)
+    region = SIZE // CONNECTIONS
     for datapath in ("python", "compiled"):
         side = Side(tmp_path / datapath, datapath, image)
         try:
-            region = SIZE // CONNECTIONS
             acked = [bytearray(image[i * region : (i + 1) * region]) for i in range(CONNECTIONS)]
             locks = [threading.Lock() for _ in range(CONNECTIONS)]
             stop = threading.Event()
             errors: list[BaseException] = []
-
-            def writer(i: int) -> None:
-                try:
-                    h = side.handle("disk", i)
-                    r = random.Random(i)
-                    while not stop.is_set():
-                        off = r.randrange(region - 9000)
-                        data = r.randbytes(r.randrange(1, 9000))
-                        with locks[i]:  # acknowledged before the next snapshot is recorded
-                            h.pwrite(data, i * region + off)
-                            acked[i][off : off + len(data)] = data
-                except BaseException as err:  # reported below
-                    errors.append(err)
-
-            threads = [threading.Thread(target=writer, args=(i,)) for i in range(CONNECTIONS)]
+            threads = [
+                threading.Thread(
+                    target=write_until,
+                    args=(side, i, region, acked[i], locks[i], stop, errors),
+                )
+                for i in range(CONNECTIONS)
+            ]
             for t in threads:
                 t.start()
             expected: dict[str, bytes] = {}
@@ -343,8 +355,9 @@ def test_concurrent_connections(tmp_path: Path) -> None:
                 finally:
                     for lock in locks:
                         lock.release()
-                reader = side.handle(f"disk@c{k}", 0)  # read while the writers go on
-                assert reader.pread(region * CONNECTIONS, 0) == expected[f"disk@c{k}"]
+                # read while the writers go on
+                got = side.handle(f"disk@c{k}", 0).pread(region * CONNECTIONS, 0)
+                assert got == expected[f"disk@c{k}"]
             stop.set()
             for t in threads:
                 t.join(60)
