@@ -24,6 +24,9 @@ NBD server can map them onto the NBD error codes without knowing the engine::
      +-- BackupError               backup directory: bad manifest, broken chain, failed verify
      +-- FilesystemError           a filesystem inside an image: missing, damaged, no such file
      +-- QemuError                 QEMU / QMP failures (class, description, command)
+     +-- QgaError                  the guest agent refused a command (its error class, desc,
+     |    |                        command) or could not be reached
+     |    +-- QgaTimeoutError      the guest agent did not answer within the timeout
      +-- VmError                   the VM test rig (boot timeout, guest failure)
 """
 
@@ -100,6 +103,30 @@ class FilesystemError(SnapimgError):
 
 class QemuError(SnapimgError):
     """QEMU refused a QMP command or a QEMU process failed."""
+
+
+class QgaError(SnapimgError):
+    """The guest agent (qemu-guest-agent, directly or through libvirt) failed a command.
+
+    ``error_class`` is the agent's own error class (``GenericError``, ``CommandNotFound``,
+    ...) when the agent answered with an error, None when it could not be reached;
+    ``desc`` is its description and ``command`` the command (``guest-fsfreeze-freeze``)."""
+
+    def __init__(self, desc: str, *, command: str | None = None,
+                 error_class: str | None = None, where: str | None = None) -> None:
+        self.desc = desc
+        self.command = command
+        self.error_class = error_class
+        self.where = where
+        parts = [f"guest agent at {where}" if where else "guest agent"]
+        if command:
+            parts.append(command)
+        text = ": ".join(parts) + ": "
+        super().__init__(text + (f"{error_class}: {desc}" if error_class else desc))
+
+
+class QgaTimeoutError(QgaError):
+    """The guest agent did not answer a command within the timeout."""
 
 
 class VmError(SnapimgError):

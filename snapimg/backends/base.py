@@ -28,6 +28,10 @@ class SnapshotInfo:
     block_size: int
     writable: bool
     on_full: OnFull
+    # taken while the guest's filesystems were frozen (snapimg.qga); recorded by the control
+    # layer after the thaw (snapimg.control.quiesce_notes), never by a backend
+    quiesced: bool = False
+    frozen_ms: int | None = None
 
     @property
     def name(self) -> str:
@@ -47,6 +51,8 @@ class SnapshotInfo:
             "block_size": self.block_size,
             "writable": self.writable,
             "on_full": self.on_full,
+            "quiesced": self.quiesced,
+            "frozen_ms": self.frozen_ms,
         }
 
 

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from snapimg.cli import quiesce
+
 
 def default_store_dir() -> Path:
     return Path(tempfile.gettempdir()) / "snapimg-attach"
@@ -28,6 +30,7 @@ def register(sub: Any) -> None:
                    help=f"directory for the target image (default {default_store_dir()})")
     a.add_argument("--socket", type=Path,
                    help="unix socket of QEMU's NBD server (default STORE_DIR/nbd.sock)")
+    quiesce.add_arguments(a, libvirt=False)
     a.set_defaults(func=_attach)
 
     d: argparse.ArgumentParser = sub.add_parser(
@@ -45,7 +48,8 @@ def _attach(args: argparse.Namespace) -> int:
 
     store = (args.store_dir or default_store_dir()).absolute()
     socket = args.socket.absolute() if args.socket else None
-    result = asyncio.run(attach(args.qmp, args.device, args.name, store, socket))
+    with quiesce.window(args):  # a no-op without --quiesce
+        result = asyncio.run(attach(args.qmp, args.device, args.name, store, socket))
     print(result.uri)
     return 0
 

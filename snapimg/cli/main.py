@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "snapimg.cli.inspect",
     "snapimg.cli.attach",
     "snapimg.cli.backup",
+    "snapimg.cli.quiesce",
 )
 
 

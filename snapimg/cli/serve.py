@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from snapimg.backends.base import Backend
 from snapimg.backends.config import Durability, ServeConfig
+from snapimg.control.quiesce_notes import QuiesceNotes
 from snapimg.control.server import ControlServer
 from snapimg.errors import UsageError
 from snapimg.nbd.server import prepare_unix_socket_path
@@ -171,7 +172,7 @@ async def _run(config: ServeConfig, kind: str, control_path: Path, pid_file: Pat
     prepare_unix_socket_path(control_path)
     config.store_dir.mkdir(exist_ok=True)
     backend = await start_backend(kind, config)
-    control = ControlServer(backend)
+    control = ControlServer(backend, QuiesceNotes(config.store_dir))
     try:
         await control.listen(control_path)
         if pid_file is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from snapimg.backends.base import ON_FULL_CHOICES, SnapshotInfo
+from snapimg.cli import quiesce
 from snapimg.control.client import ControlClient
 from snapimg.errors import UsageError
 from snapimg.units import format_size, parse_size
@@ -31,6 +32,7 @@ def register(sub: Any) -> None:
         default="invalidate",
         help="when --max-size or the store is exhausted (default: invalidate)",
     )
+    quiesce.add_arguments(c, libvirt=True)
     c.set_defaults(func=_create)
 
     ls = cmds.add_parser("list", help="list snapshots")
@@ -67,9 +69,13 @@ def split_name(text: str) -> tuple[str, str]:
 def _create(args: argparse.Namespace) -> int:
     origin, snap = split_name(args.name)
     max_size = parse_size(args.max_size, "--max-size") if args.max_size else None
-    _, uri = ControlClient(args.control).create_snapshot(
-        origin, snap, max_size=max_size, writable=args.writable, on_full=args.on_full
-    )
+    client = ControlClient(args.control)
+    quiesce.check(args, client)
+    with quiesce.window(args) as frozen:  # a no-op without --quiesce
+        info, uri = client.create_snapshot(
+            origin, snap, max_size=max_size, writable=args.writable, on_full=args.on_full
+        )
+    quiesce.record(client, info, frozen)
     print(uri)
     return 0
 
@@ -84,7 +90,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def format_table(infos: list[SnapshotInfo]) -> str:
-    header = ("NAME", "CREATED", "STATE", "PRESERVED", "MAX SIZE", "BLOCK", "MODE", "ON FULL")
+    header = ("NAME", "CREATED", "STATE", "PRESERVED", "MAX SIZE", "BLOCK", "MODE", "ON FULL",
+              "QUIESCED")
     rows = [header]
     for i in infos:
         state = "valid" if i.valid else f"invalid ({i.reason})"
@@ -98,6 +105,7 @@ def format_table(infos: list[SnapshotInfo]) -> str:
                 format_size(i.block_size),
                 "rw" if i.writable else "ro",
                 i.on_full,
+                "no" if not i.quiesced else f"frozen {i.frozen_ms} ms",
             )
         )
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]

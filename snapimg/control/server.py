@@ -3,7 +3,9 @@
 Request:  ``{"id": 1, "method": "create_snapshot", "params": {...}}``
 Response: ``{"id": 1, "result": ...}`` or
           ``{"id": 1, "error": {"type": "SnapshotError", "message": "..."}}``
-The methods are listed in :data:`METHODS`; each maps onto one Backend call.
+The methods are listed in :data:`METHODS`; each maps onto one Backend call, except
+``record_quiesce``, which the server keeps itself (:mod:`snapimg.control.quiesce_notes`) and
+merges into every snapshot it reports.
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from snapimg.backends.base import ON_FULL_CHOICES, Backend
-from snapimg.errors import ControlError, SnapimgError
+from snapimg.backends.base import ON_FULL_CHOICES, Backend, SnapshotInfo
+from snapimg.control.quiesce_notes import QuiesceNotes
+from snapimg.errors import ControlError, SnapimgError, SnapshotError
 from snapimg.nbd.server import prepare_unix_socket_path
 
 log = logging.getLogger(__name__)
 _MAX_LINE = 1 << 20
 
-Handler = Callable[[Backend, dict[str, Any]], Awaitable[Any]]
+Handler = Callable[["ControlServer", dict[str, Any]], Awaitable[Any]]
 
 
 def _str(params: dict[str, Any], key: str) -> str:
@@ -43,14 +47,15 @@ def _int(params: dict[str, Any], key: str, *, optional: bool = False) -> int | N
     return value
 
 
-async def _exports(backend: Backend, params: dict[str, Any]) -> Any:
+async def _exports(server: ControlServer, params: dict[str, Any]) -> Any:
     return [
         {"name": e.name, "size": e.size, "read_only": e.read_only, "uri": e.uri}
-        for e in await backend.exports()
+        for e in await server.backend.exports()
     ]
 
 
-async def _create(backend: Backend, params: dict[str, Any]) -> Any:
+async def _create(server: ControlServer, params: dict[str, Any]) -> Any:
+    backend = server.backend
     on_full = params.get("on_full", "invalidate")
     if on_full not in ON_FULL_CHOICES:
         raise ControlError(f"on_full must be one of {', '.join(ON_FULL_CHOICES)}")
@@ -65,29 +70,57 @@ async def _create(backend: Backend, params: dict[str, Any]) -> Any:
     return {"snapshot": info.to_json(), "uri": uri}
 
 
-async def _drop(backend: Backend, params: dict[str, Any]) -> Any:
-    await backend.drop_snapshot(_str(params, "origin"), _str(params, "snap"))
+async def _drop(server: ControlServer, params: dict[str, Any]) -> Any:
+    origin, snap = _str(params, "origin"), _str(params, "snap")
+    await server.backend.drop_snapshot(origin, snap)
+    if server.notes is not None:
+        await asyncio.to_thread(server.notes.forget, f"{origin}@{snap}")
     return None
 
 
-async def _list(backend: Backend, params: dict[str, Any]) -> Any:
-    return [info.to_json() for info in await backend.list_snapshots()]
+async def _list(server: ControlServer, params: dict[str, Any]) -> Any:
+    return [info.to_json() for info in await server.snapshots()]
 
 
-async def _release(backend: Backend, params: dict[str, Any]) -> Any:
+async def _record_quiesce(server: ControlServer, params: dict[str, Any]) -> Any:
+    """The client froze the guest around this snapshot's creation for ``frozen_ms``."""
+    origin, snap = _str(params, "origin"), _str(params, "snap")
+    frozen_ms = _int(params, "frozen_ms")
+    assert frozen_ms is not None
+    created = params.get("created")
+    if server.notes is None:
+        raise ControlError("this server keeps no quiesce records (no store directory)")
+    infos = await server.backend.list_snapshots()
+    info = next((i for i in infos if i.name == f"{origin}@{snap}"), None)
+    if info is None:
+        raise SnapshotError(f"unknown snapshot {origin}@{snap}")
+    if created is not None and _parse_time(created) != info.created:
+        raise SnapshotError(f"snapshot {origin}@{snap} was created at "
+                            f"{info.created.isoformat()}, not {created}")
+    return (await asyncio.to_thread(server.notes.record, info, frozen_ms, infos)).to_json()
+
+
+def _parse_time(value: object) -> datetime:
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        raise ControlError(f"parameter 'created' is not an ISO 8601 time: {value!r}") from None
+
+
+async def _release(server: ControlServer, params: dict[str, Any]) -> Any:
     offset = _int(params, "offset")
     length = _int(params, "length")
     assert offset is not None and length is not None
-    await backend.release(_str(params, "origin"), _str(params, "snap"), offset, length)
+    await server.backend.release(_str(params, "origin"), _str(params, "snap"), offset, length)
     return None
 
 
-async def _changed(backend: Backend, params: dict[str, Any]) -> Any:
-    ranges = await backend.changed_ranges(_str(params, "origin"), _str(params, "snap"))
+async def _changed(server: ControlServer, params: dict[str, Any]) -> Any:
+    ranges = await server.backend.changed_ranges(_str(params, "origin"), _str(params, "snap"))
     return [[offset, length] for offset, length in ranges]
 
 
-async def _ping(backend: Backend, params: dict[str, Any]) -> Any:
+async def _ping(server: ControlServer, params: dict[str, Any]) -> Any:
     return {"pid": os.getpid()}
 
 
@@ -99,15 +132,23 @@ METHODS: dict[str, Handler] = {
     "list_snapshots": _list,
     "release": _release,
     "changed_ranges": _changed,
+    "record_quiesce": _record_quiesce,
 }
 
 
 class ControlServer:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, notes: QuiesceNotes | None = None) -> None:
         self.backend = backend
+        self.notes = notes
         self._server: asyncio.Server | None = None
         self._path: Path | None = None
         self._lock = asyncio.Lock()  # one lifecycle request at a time
+
+    async def snapshots(self) -> list[SnapshotInfo]:
+        infos = await self.backend.list_snapshots()
+        if self.notes is None:
+            return infos
+        return await asyncio.to_thread(self.notes.annotate, infos)
 
     async def listen(self, path: Path) -> None:
         prepare_unix_socket_path(path)
@@ -157,7 +198,7 @@ class ControlServer:
             if not isinstance(params, dict):
                 raise ControlError("params must be a JSON object")
             async with self._lock:
-                result = await method(self.backend, params)
+                result = await method(self, params)
             return {"id": req_id, "result": result}
         except SnapimgError as err:
             return {"id": req_id, "error": {"type": type(err).__name__, "message": str(err)}}

@@ -1,0 +1,201 @@
+"""The frozen window: freeze the guest's filesystems, run the body (take the snapshot), thaw.
+
+    with quiesced(qga=Path("/run/vm1.qga"), timeout=10) as window:
+        create_snapshot()                      # the guest's filesystems are frozen here
+    window.frozen_ms                           # freeze sent -> thaw answered, milliseconds
+
+Guarantees:
+
+* nothing is frozen unless the agent answered a guest-sync first (an agent that does not
+  answer is one QgaTimeoutError, and the guest is left as it was);
+* a guest that is frozen already (by another tool, or by a snapimg that was killed) is not
+  frozen again nor thawed: that is refused, naming ``snapimg thaw``;
+* the thaw runs on every path out of the window: the body's error, a freeze that failed or
+  timed out (the thaw then goes out in the same write as the resync, queued behind the
+  freeze), SIGINT, SIGTERM, SIGHUP, and a body that does not finish within ``timeout``
+  seconds (SIGALRM).  While the thaw runs those signals are blocked, so a second Ctrl-C
+  cannot cut it short; they are delivered right after it.  Only SIGKILL (or a host crash)
+  leaves the guest frozen: ``snapimg thaw`` recovers it.
+
+Signal handling and the alarm are installed only when called from the main thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from snapimg.errors import QgaError, QgaTimeoutError, SnapimgError
+from snapimg.qga.freezers import LIBVIRT_URI, Freezer, open_freezer
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+RECOVERY_FACTOR = 3  # a thaw queued behind a freeze that timed out waits this many timeouts
+
+
+@dataclass
+class FrozenWindow:
+    """What one quiesce measured.  Times in milliseconds; ``frozen_ms`` is the whole window
+    from the freeze request to the thaw's answer: the longest any guest write was held."""
+
+    filesystems: int = 0            # frozen by the agent
+    thawed: int | None = None       # thawed by our thaw (None: the thaw failed)
+    freeze_ms: float | None = None  # freeze request -> its answer (includes the guest's sync)
+    body_ms: float | None = None    # the snapshot, while frozen
+    thaw_ms: float | None = None    # thaw request -> its answer
+    frozen_ms: int | None = None    # freeze request -> thaw answered, rounded up
+
+    def to_json(self) -> dict[str, Any]:
+        def ms(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        return {"quiesced": self.frozen_ms is not None, "frozen_ms": self.frozen_ms,
+                "filesystems_frozen": self.filesystems, "freeze_ms": ms(self.freeze_ms),
+                "snapshot_ms": ms(self.body_ms), "thaw_ms": ms(self.thaw_ms)}
+
+
+class _Alarm(Exception):
+    """The body outlived the timeout (raised from the SIGALRM handler)."""
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _alarm(signum: int, frame: FrameType | None) -> None:
+    raise _Alarm
+
+
+@contextlib.contextmanager
+def _signals_raise(enabled: bool) -> Iterator[None]:
+    """SIGINT/SIGTERM/SIGHUP raise KeyboardInterrupt inside the block (so the thaw runs)."""
+    if not enabled:
+        yield
+        return
+    saved = {sig: signal.signal(sig, _interrupt) for sig in SIGNALS}
+    saved[signal.SIGALRM] = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_blocked(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _ms(since: float) -> float:
+    return (time.monotonic() - since) * 1000
+
+
+@contextlib.contextmanager
+def frozen(freezer: Freezer, timeout: float = 10.0) -> Iterator[FrozenWindow]:
+    """Freeze through ``freezer`` around the body (see the module doc)."""
+    main = threading.current_thread() is threading.main_thread()
+    if freezer.status() == "frozen":
+        raise QgaError(f"the guest's filesystems are frozen already (by another tool, or a "
+                       f"snapimg that was killed): thaw them first with "
+                       f"'{freezer.thaw_hint}'", where=freezer.where)
+    window = FrozenWindow()
+    with _signals_raise(main):
+        began = time.monotonic()
+        body_began: float | None = None
+        pending: BaseException | None = None
+        try:
+            window.filesystems = freezer.freeze(timeout)
+            window.freeze_ms = _ms(began)
+            if main:
+                signal.setitimer(signal.ITIMER_REAL, timeout)
+            body_began = time.monotonic()
+            yield window
+        except _Alarm:
+            pending = QgaTimeoutError(
+                f"the snapshot was not taken within {timeout:g} s of the freeze (see "
+                f"--quiesce-timeout); the guest was thawed", where=freezer.where)
+        except BaseException as err:
+            pending = err
+        if main:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        if body_began is not None:
+            window.body_ms = _ms(body_began)
+        # after a freeze that failed or was cut short, the thaw waits behind it in the agent
+        thaw_timeout = timeout if body_began is not None else timeout * RECOVERY_FACTOR
+        with _signals_blocked(main):
+            failure = _thaw(freezer, window, thaw_timeout, pending)
+            if failure is None:
+                window.frozen_ms = math.ceil(_ms(began))
+    if failure is not None:
+        raise failure from pending
+    if isinstance(pending, QgaError) and body_began is None:  # the freeze failed
+        raise type(pending)(f"{pending.desc}; the guest was thawed", command=pending.command,
+                            error_class=pending.error_class, where=pending.where) from None
+    if pending is not None:
+        raise pending
+
+
+def _thaw(freezer: Freezer, window: FrozenWindow, timeout: float,
+          pending: BaseException | None) -> QgaError | None:
+    """Thaw; the error to raise instead of ``pending`` when that failed."""
+    began = time.monotonic()
+    try:
+        window.thawed = freezer.thaw(timeout)
+    except QgaError as err:
+        before = f"{_brief(pending)}; then " if isinstance(pending, SnapimgError) else ""
+        return QgaError(f"{before}the thaw failed ({_brief(err)}): the guest may still be "
+                        f"frozen; run '{freezer.thaw_hint}'", where=freezer.where)
+    window.thaw_ms = _ms(began)
+    return None
+
+
+def _brief(err: SnapimgError) -> str:
+    """An error's text without the agent's location (the message names it once)."""
+    if not isinstance(err, QgaError):
+        return str(err)
+    return ": ".join(part for part in (err.command, err.error_class, err.desc) if part)
+
+
+@contextlib.contextmanager
+def quiesced(qga: Path | None = None, libvirt_domain: str | None = None, *,
+             timeout: float = 10.0, libvirt_uri: str = LIBVIRT_URI) -> Iterator[FrozenWindow]:
+    """Freeze the guest behind agent socket ``qga`` (or libvirt domain ``libvirt_domain``)
+    for the body; the yielded :class:`FrozenWindow` is complete once the block is left."""
+    try:
+        freezer = open_freezer(qga=qga, libvirt_domain=libvirt_domain, libvirt_uri=libvirt_uri,
+                               timeout=timeout)
+    except QgaTimeoutError as err:
+        raise QgaTimeoutError(f"{err.desc} (is qemu-guest-agent running in the guest?); "
+                              "nothing was frozen", command=err.command,
+                              where=err.where) from None
+    try:
+        with frozen(freezer, timeout) as window:
+            yield window
+    finally:
+        freezer.close()
+
+
+def thaw(qga: Path | None = None, libvirt_domain: str | None = None, *,
+         timeout: float = 10.0, libvirt_uri: str = LIBVIRT_URI) -> int:
+    """Thaw a guest left frozen (``snapimg thaw``); how many filesystems were thawed."""
+    freezer = open_freezer(qga=qga, libvirt_domain=libvirt_domain, libvirt_uri=libvirt_uri,
+                           timeout=timeout)
+    try:
+        return freezer.thaw(timeout)
+    finally:
+        freezer.close()
