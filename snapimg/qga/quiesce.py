@@ -9,7 +9,8 @@ Guarantees:
 * nothing is frozen unless the agent answered a guest-sync first (an agent that does not
   answer is one QgaTimeoutError, and the guest is left as it was);
 * a guest that is frozen already (by another tool, or by a snapimg that was killed) is not
-  frozen again nor thawed: that is refused, naming ``snapimg thaw``;
+  frozen again nor thawed: that is refused, naming ``snapimg thaw`` (found by asking the
+  agent's status first, or, through libvirt, by the agent's refusal of the freeze);
 * the thaw runs on every path out of the window: the body's error, a freeze that failed or
   timed out (the thaw then goes out in the same write as the resync, queued behind the
   freeze), SIGINT, SIGTERM, SIGHUP, and a body that does not finish within ``timeout``
@@ -110,9 +111,7 @@ def frozen(freezer: Freezer, timeout: float = 10.0) -> Iterator[FrozenWindow]:
     """Freeze through ``freezer`` around the body (see the module doc)."""
     main = threading.current_thread() is threading.main_thread()
     if freezer.status() == "frozen":
-        raise QgaError(f"the guest's filesystems are frozen already (by another tool, or a "
-                       f"snapimg that was killed): thaw them first with "
-                       f"'{freezer.thaw_hint}'", where=freezer.where)
+        raise _frozen_already(freezer)
     window = FrozenWindow()
     with _signals_raise(main):
         began = time.monotonic()
@@ -129,6 +128,10 @@ def frozen(freezer: Freezer, timeout: float = 10.0) -> Iterator[FrozenWindow]:
             pending = QgaTimeoutError(
                 f"the snapshot was not taken within {timeout:g} s of the freeze (see "
                 f"--quiesce-timeout); the guest was thawed", where=freezer.where)
+        except QgaError as err:
+            if body_began is None and _refused_as_frozen(err):  # someone else's freeze:
+                raise _frozen_already(freezer) from None       # not ours to thaw
+            pending = err
         except BaseException as err:
             pending = err
         if main:
@@ -148,6 +151,19 @@ def frozen(freezer: Freezer, timeout: float = 10.0) -> Iterator[FrozenWindow]:
                             error_class=pending.error_class, where=pending.where) from None
     if pending is not None:
         raise pending
+
+
+def _frozen_already(freezer: Freezer) -> QgaError:
+    return QgaError(f"the guest's filesystems are frozen already (by another tool, or a "
+                    f"snapimg that was killed): thaw them first with '{freezer.thaw_hint}'",
+                    where=freezer.where)
+
+
+def _refused_as_frozen(err: QgaError) -> bool:
+    """The agent answered the freeze with "Command guest-fsfreeze-freeze has been disabled:
+    the agent is in frozen state": the freeze is someone else's.  Every other failed freeze
+    (a filesystem that would not freeze, a timeout) is followed by our thaw."""
+    return not isinstance(err, QgaTimeoutError) and "frozen state" in err.desc
 
 
 def _thaw(freezer: Freezer, window: FrozenWindow, timeout: float,

@@ -310,6 +310,20 @@ async def check_read_only_in_backup_vm(guest: LinuxGuest, snapshot_sha: str, bef
 
 # ---- killed between freeze and thaw ---------------------------------------------------------
 
+async def quiesce_refused_while_frozen(settings: Settings, server: SnapimgServer, agent: Agent,
+                                       outcome: Outcome) -> None:
+    """A guest frozen by someone else is neither frozen again nor thawed by a quiesce."""
+    proc = await asyncio.create_subprocess_exec(
+        *settings.snapimg_command(), "snapshot", "create", "--control", str(server.control),
+        "origin@refused", "--quiesce", *agent.options,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    outcome.check(proc.returncode == 1 and b"frozen already" in err,
+                  f"a quiesce of a frozen guest: exit {proc.returncode}, {err.decode()!r}")
+    status = await agent.status()
+    outcome.check(status == "frozen", f"the refused quiesce left the agent {status!r}")
+
+
 @contextlib.asynccontextmanager
 async def holding_control(real: Path, path: Path) -> AsyncIterator[asyncio.Event]:
     """A control socket at ``path`` that forwards requests to ``real`` but takes a
@@ -355,11 +369,35 @@ async def killed_between_freeze_and_thaw(settings: Settings, factory: VmFactory,
             for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
                 await signal_while_frozen(settings, server, writer, agent, sig, workdir,
                                           outcome)
+            await failures_while_frozen(settings, server, writer, agent, workdir, outcome)
             await stop_writer(writer)
-        listing = await server.snapshot_list()
-        outcome.check(listing == [], f"snapshots exist although no create was answered: "
-                                     f"{listing}")
+        listing = [row["name"] for row in await server.snapshot_list()]
+        outcome.check(listing == ["origin@dup"], f"snapshots other than origin@dup exist "
+                                                 f"although no create was answered: {listing}")
     return outcome
+
+
+async def failures_while_frozen(settings: Settings, server: SnapimgServer, writer: LinuxGuest,
+                                agent: Agent, workdir: Path, outcome: Outcome) -> None:
+    """The snapshot fails (a duplicate name) or never comes (the held request with a short
+    --quiesce-timeout): snapimg exits 1 with one line and the guest is thawed."""
+    await server.snapshot_create("origin", "dup")
+    proxy = workdir / "timeout-control.sock"
+    async with holding_control(server.control, proxy):
+        cases = {"duplicate": (server.control, "origin@dup", "exists"),
+                 "timeout": (proxy, "origin@late", "was not taken within 3 s of the freeze")}
+        for case, (control, name, expected) in cases.items():
+            proc = await asyncio.create_subprocess_exec(
+                *settings.snapimg_command(), "snapshot", "create", "--control", str(control),
+                name, "--quiesce", *agent.options, "--quiesce-timeout", "3",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, err = await asyncio.wait_for(proc.communicate(), 120)
+            lines = err.decode().strip().splitlines()
+            outcome.check(proc.returncode == 1 and len(lines) == 1 and expected in lines[0],
+                          f"{case}: exit {proc.returncode}, stderr {err.decode()[-300:]!r}")
+            status = await agent.status()
+            outcome.check(status == "thawed", f"{case}: the agent reports {status!r}")
+            await wait_progress(writer, await progress(writer) + 1)
 
 
 async def signal_while_frozen(settings: Settings, server: SnapimgServer, writer: LinuxGuest,
@@ -387,6 +425,7 @@ async def signal_while_frozen(settings: Settings, server: SnapimgServer, writer:
     status = await agent.status()
     if sig == signal.SIGKILL:
         outcome.check(status == "frozen", f"after SIGKILL the agent reports {status!r}")
+        await quiesce_refused_while_frozen(settings, server, agent, outcome)
         thawed = await server.cli("thaw", *agent.options)
         outcome.facts["thaw_output"] = thawed
         outcome.check(thawed.startswith("thawed 1 filesystem"), f"snapimg thaw said {thawed!r}")
