@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vmtests import config, controllers
-from vmtests.libvirt_driver import Libvirtd, LibvirtVm, NbdDisk
+from vmtests.libvirt_driver import Libvirtd, LibvirtVm
 from vmtests.scenarios import linux_backup_vm as linux
 from vmtests.scenarios import quiesced_snapshot as scenario
 from vmtests.server import SnapimgServer
@@ -185,12 +185,9 @@ async def run_driver(settings: config.Settings, driver: str, ctl: controllers.Co
         assert daemon is not None
         factory = linux.libvirt_factory(daemon, ctl, logs, f"snapimg-bench-{os.getpid()}")
     rows = []
-    async with SnapimgServer(settings, {"origin": origin}, logs) as server, linux.booted(
-            factory, ctl, "writer", NbdDisk(server.socket, "origin"), settings, workdir, logs,
-            outcome) as writer:
-        agent = scenario.agent_of(writer)
-        await linux.start_writer(writer)
-        await linux.wait_progress(writer, linux.OPS_BEFORE_SNAPSHOT)
+    async with SnapimgServer(settings, {"origin": origin}, logs) as server, \
+            scenario.running_writer(server, factory, ctl, settings, workdir, logs, outcome,
+                                    linux.OPS_BEFORE_SNAPSHOT) as (writer, agent):
         frozen, calls = await snapimg_series(server, writer, agent.options, count)
         parts = await breakdown_series(server, writer, agent.options, count)
         rows.append(_row(f"snapimg-{agent.options[0].lstrip('-')}", driver, frozen, calls,

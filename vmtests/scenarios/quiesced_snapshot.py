@@ -165,17 +165,26 @@ def _describe(check: ImageCheck) -> str:
 
 # ---- the scenario -----------------------------------------------------------------------------
 
+@contextlib.asynccontextmanager
+async def running_writer(server: SnapimgServer, factory: VmFactory, controller: Controller,
+                         settings: Settings, workdir: Path, log_dir: Path, outcome: Outcome,
+                         ops: int) -> AsyncIterator[tuple[LinuxGuest, Agent]]:
+    """The writer VM on ``server``'s export ``origin``, its workload ``ops`` operations in."""
+    async with booted(factory, controller, "writer", NbdDisk(server.socket, "origin"),
+                      settings, workdir, log_dir, outcome) as writer:
+        await start_writer(writer)
+        await wait_progress(writer, ops)
+        yield writer, agent_of(writer)
+
+
 async def quiesced_snapshot(settings: Settings, factory: VmFactory, controller: Controller,
                             workdir: Path, log_dir: Path) -> Outcome:
     outcome = Outcome()
     origin = workdir / "origin.img"
     make_origin(origin)
     async with SnapimgServer(settings, {"origin": origin}, log_dir) as server:
-        async with booted(factory, controller, "writer", NbdDisk(server.socket, "origin"),
-                          settings, workdir, log_dir, outcome) as writer:
-            agent = agent_of(writer)
-            await start_writer(writer)
-            await wait_progress(writer, OPS_BEFORE_SNAPSHOT)
+        async with running_writer(server, factory, controller, settings, workdir, log_dir,
+                                  outcome, OPS_BEFORE_SNAPSHOT) as (writer, agent):
             await crash_consistent_control(server, writer, workdir, outcome)
             kept = await quiesced_snapshots(server, writer, agent, workdir, outcome)
             await check_listing(server, outcome)
@@ -361,11 +370,8 @@ async def killed_between_freeze_and_thaw(settings: Settings, factory: VmFactory,
     origin = workdir / "origin.img"
     make_origin(origin)
     async with SnapimgServer(settings, {"origin": origin}, log_dir) as server:
-        async with booted(factory, controller, "writer", NbdDisk(server.socket, "origin"),
-                          settings, workdir, log_dir, outcome) as writer:
-            agent = agent_of(writer)
-            await start_writer(writer)
-            await wait_progress(writer, 3)
+        async with running_writer(server, factory, controller, settings, workdir, log_dir,
+                                  outcome, 3) as (writer, agent):
             for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
                 await signal_while_frozen(settings, server, writer, agent, sig, workdir,
                                           outcome)
