@@ -14,9 +14,9 @@ Guarantees:
 * the thaw runs on every path out of the window: the body's error, a freeze that failed or
   timed out (the thaw then goes out in the same write as the resync, queued behind the
   freeze), SIGINT, SIGTERM, SIGHUP, and a body that does not finish within ``timeout``
-  seconds (SIGALRM).  While the thaw runs those signals are blocked, so a second Ctrl-C
-  cannot cut it short; they are delivered right after it.  Only SIGKILL (or a host crash)
-  leaves the guest frozen: ``snapimg thaw`` recovers it.
+  seconds (SIGALRM).  Once the thaw is next, those signals are only recorded, so a second
+  Ctrl-C cannot cut it short; KeyboardInterrupt is raised after it.  Only SIGKILL (or a host
+  crash) leaves the guest frozen: ``snapimg thaw`` recovers it.
 
 Signal handling and the alarm are installed only when called from the main thread.
 """
@@ -62,44 +62,51 @@ class FrozenWindow:
                 "snapshot_ms": ms(self.body_ms), "thaw_ms": ms(self.thaw_ms)}
 
 
-class _Alarm(Exception):
-    """The body outlived the timeout (raised from the SIGALRM handler)."""
+class _Alarm(BaseException):
+    """The body outlived the timeout (raised from the SIGALRM handler; a BaseException so
+    that no ``except Exception`` in the body swallows it)."""
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+class _SignalGuard:
+    """SIGINT/SIGTERM/SIGHUP raise KeyboardInterrupt and SIGALRM raises _Alarm while the
+    guard is *raising*; once :meth:`hold` is called (the thaw is next) they are only
+    recorded, and :attr:`deferred` says whether one came.  Inactive outside the main thread
+    (Python runs signal handlers there only)."""
 
+    def __init__(self) -> None:
+        self.active = threading.current_thread() is threading.main_thread()
+        self.raising = True
+        self.deferred = False
+        self._saved: dict[int, Any] = {}
 
-def _alarm(signum: int, frame: FrameType | None) -> None:
-    raise _Alarm
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if not self.raising:
+            self.deferred = self.deferred or signum != signal.SIGALRM
+            return
+        if signum == signal.SIGALRM:
+            raise _Alarm
+        raise KeyboardInterrupt
 
+    def arm(self, seconds: float) -> None:
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, seconds)
 
-@contextlib.contextmanager
-def _signals_raise(enabled: bool) -> Iterator[None]:
-    """SIGINT/SIGTERM/SIGHUP raise KeyboardInterrupt inside the block (so the thaw runs)."""
-    if not enabled:
-        yield
-        return
-    saved = {sig: signal.signal(sig, _interrupt) for sig in SIGNALS}
-    saved[signal.SIGALRM] = signal.signal(signal.SIGALRM, _alarm)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    def hold(self) -> None:
+        self.raising = False
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
+    def __enter__(self) -> _SignalGuard:
+        if self.active:
+            for sig in (*SIGNALS, signal.SIGALRM):
+                self._saved[sig] = signal.signal(sig, self._handler)
+        return self
 
-@contextlib.contextmanager
-def _signals_blocked(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            for sig, handler in self._saved.items():
+                signal.signal(sig, handler)
 
 
 def _ms(since: float) -> float:
@@ -109,21 +116,22 @@ def _ms(since: float) -> float:
 @contextlib.contextmanager
 def frozen(freezer: Freezer, timeout: float = 10.0) -> Iterator[FrozenWindow]:
     """Freeze through ``freezer`` around the body (see the module doc)."""
-    main = threading.current_thread() is threading.main_thread()
     if freezer.status() == "frozen":
         raise _frozen_already(freezer)
     window = FrozenWindow()
-    with _signals_raise(main):
+    with _SignalGuard() as guard:
         began = time.monotonic()
         body_began: float | None = None
         pending: BaseException | None = None
         try:
-            window.filesystems = freezer.freeze(timeout)
-            window.freeze_ms = _ms(began)
-            if main:
-                signal.setitimer(signal.ITIMER_REAL, timeout)
-            body_began = time.monotonic()
-            yield window
+            try:
+                window.filesystems = freezer.freeze(timeout)
+                window.freeze_ms = _ms(began)
+                guard.arm(timeout)
+                body_began = time.monotonic()
+                yield window
+            finally:
+                guard.hold()  # from here on a signal cannot stop the thaw
         except _Alarm:
             pending = QgaTimeoutError(
                 f"the snapshot was not taken within {timeout:g} s of the freeze (see "
@@ -134,16 +142,13 @@ def frozen(freezer: Freezer, timeout: float = 10.0) -> Iterator[FrozenWindow]:
             pending = err
         except BaseException as err:
             pending = err
-        if main:
-            signal.setitimer(signal.ITIMER_REAL, 0)
         if body_began is not None:
             window.body_ms = _ms(body_began)
         # after a freeze that failed or was cut short, the thaw waits behind it in the agent
         thaw_timeout = timeout if body_began is not None else timeout * RECOVERY_FACTOR
-        with _signals_blocked(main):
-            failure = _thaw(freezer, window, thaw_timeout, pending)
-            if failure is None:
-                window.frozen_ms = math.ceil(_ms(began))
+        failure = _thaw(freezer, window, thaw_timeout, pending)
+        if failure is None:
+            window.frozen_ms = math.ceil(_ms(began))
     if failure is not None:
         raise failure from pending
     if isinstance(pending, QgaError) and body_began is None:  # the freeze failed
@@ -151,6 +156,8 @@ def frozen(freezer: Freezer, timeout: float = 10.0) -> Iterator[FrozenWindow]:
                             error_class=pending.error_class, where=pending.where) from None
     if pending is not None:
         raise pending
+    if guard.deferred:  # a signal during the thaw: act on it now
+        raise KeyboardInterrupt
 
 
 def _frozen_already(freezer: Freezer) -> QgaError:
