@@ -301,7 +301,7 @@ async def check_read_only_in_backup_vm(guest: LinuxGuest, snapshot_sha: str, bef
                                     f"{fsck.stdout[-200:]!r}")
     listing = await guest.run(linux_fs.READ_ONLY_MOUNT_AND_LIST, timeout=300, check=False)
     outcome.check(listing.status == 0, f"mount -o ro of the read-only device failed "
-                                       f"(exit {listing.status}): {listing.stdout[-200:]!r}")
+                                       f"(exit {listing.status}): {listing.stderr[-200:]!r}")
     if listing.status != 0:
         return
     manifest, files = linux_fs.parse_listing(listing.stdout)
