@@ -137,3 +137,23 @@ def test_quiesce_records_survive_a_restart_and_follow_the_snapshot(
     rows = {row["name"]: row for row in _snapshots(server)}
     assert rows["disk@q"]["quiesced"] is False  # a new snapshot of the same name
     assert "disk@q" not in json.loads((server.store / "quiesce.json").read_text())["snapshots"]
+
+
+def test_attach_with_an_agent_that_never_answers(silent_agent: Path, tmp_path: Path) -> None:
+    """The agent is asked before QEMU is touched: no QMP socket is needed to fail here."""
+    proc = snapimg("attach", "--qmp", tmp_path / "no-qemu.qmp", "--device", "disk0", "vm@s",
+                   "--store-dir", tmp_path / "store", "--quiesce", "--qga", silent_agent,
+                   "--quiesce-timeout", "1", check=False)
+    assert proc.returncode == 1
+    assert _one_line(proc.stderr).endswith("no answer within 1 s (is qemu-guest-agent running "
+                                           "in the guest?); nothing was frozen")
+    assert not (tmp_path / "store").exists()
+
+
+def test_backup_quiesce_needs_an_agent(served: Serve, tmp_path: Path) -> None:
+    proc = snapimg("backup", "--control", served.control, "disk", "--to", tmp_path / "b",
+                   "--quiesce", check=False)
+    assert proc.returncode == 1
+    assert _one_line(proc.stderr) == ("snapimg backup: --quiesce needs --qga SOCKET "
+                                      "or --libvirt DOMAIN")
+    assert not (tmp_path / "b").exists()
