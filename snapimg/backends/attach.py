@@ -36,6 +36,8 @@ from snapimg.backends.qsd import graph
 from snapimg.backends.qsd.graph import COPY_GRANULARITY, SnapshotNodes
 from snapimg.backends.qsd.qmp import Qmp
 from snapimg.errors import QemuError, SnapshotError, UsageError
+from snapimg.names import split_snapshot_name
+from snapimg.nbd.uri import unix_uri
 
 NBD_MARKER = "snapimg-nbd"
 _FILTER = re.compile(r"^si[0-9a-f]{12}-cbw$")
@@ -49,25 +51,14 @@ class Attached:
     target: Path
 
 
-def split_name(name: str) -> tuple[str, str]:
-    origin, sep, snap = name.partition("@")
-    if not sep or not origin or not snap or "@" in snap or "/" in name or " " in name:
-        raise UsageError(f"bad snapshot name {name!r}: expected NAME@SNAP")
-    return origin, snap
-
-
 def node_key(name: str) -> str:
     """Short, stable prefix of the node names for snapshot ``name`` (QEMU allows 31 chars)."""
     return "si" + hashlib.sha1(name.encode()).hexdigest()[:12]
 
 
-def uri(name: str, socket: Path) -> str:
-    return f"nbd+unix:///{name}?socket={socket}"
-
-
 async def attach(qmp_path: Path, device: str, name: str, store_dir: Path,
                  socket: Path | None) -> Attached:
-    split_name(name)
+    split_snapshot_name(name)
     qmp = await Qmp.connect(qmp_path)
     try:
         root, size = await device_root(qmp, device)
@@ -85,13 +76,13 @@ async def attach(qmp_path: Path, device: str, name: str, store_dir: Path,
             if started:
                 await stop_nbd_server_if_idle(qmp)
             raise
-        return Attached(name, uri(name, sock), sock, nodes.target_path)
+        return Attached(name, unix_uri(name, sock), sock, nodes.target_path)
     finally:
         await qmp.close()
 
 
 async def detach(qmp_path: Path, name: str) -> None:
-    split_name(name)
+    split_snapshot_name(name, existing=True)
     qmp = await Qmp.connect(qmp_path)
     try:
         key = node_key(name)
