@@ -3,7 +3,9 @@
 Request:  ``{"id": 1, "method": "create_snapshot", "params": {...}}``
 Response: ``{"id": 1, "result": ...}`` or
           ``{"id": 1, "error": {"type": "SnapshotError", "message": "..."}}``
-The methods are listed in :data:`METHODS`; each maps onto one Backend call.
+The methods and their parameters are listed in :data:`METHODS`; each maps onto one
+Backend call.  A malformed request, a parameter of the wrong type or range, an unknown
+method or parameter, and any refusal get one ``error`` line; the connection stays open.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from snapimg.backends.base import ON_FULL_CHOICES, Backend
 from snapimg.errors import ControlError, SnapimgError
-from snapimg.nbd.server import prepare_unix_socket_path
+from snapimg.names import shown
+from snapimg.sockpath import prepare_unix_socket_path
+from snapimg.units import MAX_BYTES
 
 log = logging.getLogger(__name__)
 _MAX_LINE = 1 << 20
@@ -27,79 +32,154 @@ _MAX_LINE = 1 << 20
 Handler = Callable[[Backend, dict[str, Any]], Awaitable[Any]]
 
 
-def _str(params: dict[str, Any], key: str) -> str:
-    value = params.get(key)
-    if not isinstance(value, str) or not value:
-        raise ControlError(f"parameter {key!r} must be a non-empty string")
-    return value
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a control method: its JSON type and whether it may be left out.
+
+    ``str``: a non-empty string (names are then checked by :mod:`snapimg.names` or
+    looked up); ``int``: an integer from 0 to :data:`~snapimg.units.MAX_BYTES`; ``bool``:
+    true or false; ``choices``: one of these strings.  An optional parameter may be
+    missing or null (``default`` is used).
+    """
+
+    name: str
+    kind: type
+    optional: bool = False
+    default: Any = None
+    choices: tuple[str, ...] = ()
+
+    def value(self, params: dict[str, Any]) -> Any:
+        value = params.get(self.name)
+        if value is None:
+            if self.optional:
+                return self.default
+            raise ControlError(f"missing parameter {self.name!r}")
+        if self.choices:
+            if not isinstance(value, str) or value not in self.choices:
+                raise ControlError(
+                    f"parameter {self.name!r} must be one of {', '.join(self.choices)}"
+                )
+        elif self.kind is bool:
+            if not isinstance(value, bool):
+                raise ControlError(f"parameter {self.name!r} must be true or false")
+        elif self.kind is int:
+            if not isinstance(value, int) or isinstance(value, bool) or not (
+                0 <= value <= MAX_BYTES
+            ):
+                raise ControlError(
+                    f"parameter {self.name!r} must be an integer from 0 to {MAX_BYTES}"
+                )
+        elif not isinstance(value, str) or not value:
+            raise ControlError(f"parameter {self.name!r} must be a non-empty string")
+        return value
 
 
-def _int(params: dict[str, Any], key: str, *, optional: bool = False) -> int | None:
-    value = params.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ControlError(f"parameter {key!r} must be a non-negative integer")
-    return value
+@dataclass(frozen=True)
+class Method:
+    handler: Handler
+    params: tuple[Param, ...] = ()
+
+    def arguments(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
+        known = {p.name for p in self.params}
+        unknown = sorted(str(k) for k in params if k not in known)
+        if unknown:
+            raise ControlError(f"unknown parameter {shown(unknown[0])} of method {name}")
+        return {p.name: p.value(params) for p in self.params}
 
 
-async def _exports(backend: Backend, params: dict[str, Any]) -> Any:
+_ORIGIN = Param("origin", str)
+_SNAP = Param("snap", str)
+
+
+async def _exports(backend: Backend, args: dict[str, Any]) -> Any:
     return [
         {"name": e.name, "size": e.size, "read_only": e.read_only, "uri": e.uri}
         for e in await backend.exports()
     ]
 
 
-async def _create(backend: Backend, params: dict[str, Any]) -> Any:
-    on_full = params.get("on_full", "invalidate")
-    if on_full not in ON_FULL_CHOICES:
-        raise ControlError(f"on_full must be one of {', '.join(ON_FULL_CHOICES)}")
+async def _create(backend: Backend, args: dict[str, Any]) -> Any:
     info = await backend.create_snapshot(
-        _str(params, "origin"),
-        _str(params, "snap"),
-        max_size=_int(params, "max_size", optional=True),
-        writable=bool(params.get("writable", False)),
-        on_full=on_full,
+        args["origin"],
+        args["snap"],
+        max_size=args["max_size"],
+        writable=args["writable"],
+        on_full=args["on_full"],
     )
     uri = next((e.uri for e in await backend.exports() if e.name == info.name), None)
     return {"snapshot": info.to_json(), "uri": uri}
 
 
-async def _drop(backend: Backend, params: dict[str, Any]) -> Any:
-    await backend.drop_snapshot(_str(params, "origin"), _str(params, "snap"))
+async def _drop(backend: Backend, args: dict[str, Any]) -> Any:
+    await backend.drop_snapshot(args["origin"], args["snap"])
     return None
 
 
-async def _list(backend: Backend, params: dict[str, Any]) -> Any:
+async def _list(backend: Backend, args: dict[str, Any]) -> Any:
     return [info.to_json() for info in await backend.list_snapshots()]
 
 
-async def _release(backend: Backend, params: dict[str, Any]) -> Any:
-    offset = _int(params, "offset")
-    length = _int(params, "length")
-    assert offset is not None and length is not None
-    await backend.release(_str(params, "origin"), _str(params, "snap"), offset, length)
-    return None
+async def _release(backend: Backend, args: dict[str, Any]) -> Any:
+    offset, length = await backend.release(
+        args["origin"], args["snap"], args["offset"], args["length"]
+    )
+    return {"offset": offset, "length": length}
 
 
-async def _changed(backend: Backend, params: dict[str, Any]) -> Any:
-    ranges = await backend.changed_ranges(_str(params, "origin"), _str(params, "snap"))
+async def _changed(backend: Backend, args: dict[str, Any]) -> Any:
+    ranges = await backend.changed_ranges(args["origin"], args["snap"])
     return [[offset, length] for offset, length in ranges]
 
 
-async def _ping(backend: Backend, params: dict[str, Any]) -> Any:
+async def _ping(backend: Backend, args: dict[str, Any]) -> Any:
     return {"pid": os.getpid()}
 
 
-METHODS: dict[str, Handler] = {
-    "ping": _ping,
-    "exports": _exports,
-    "create_snapshot": _create,
-    "drop_snapshot": _drop,
-    "list_snapshots": _list,
-    "release": _release,
-    "changed_ranges": _changed,
+METHODS: dict[str, Method] = {
+    "ping": Method(_ping),
+    "exports": Method(_exports),
+    "create_snapshot": Method(
+        _create,
+        (
+            _ORIGIN,
+            _SNAP,
+            Param("max_size", int, optional=True),
+            Param("writable", bool, optional=True, default=False),
+            Param("on_full", str, optional=True, default="invalidate", choices=ON_FULL_CHOICES),
+        ),
+    ),
+    "drop_snapshot": Method(_drop, (_ORIGIN, _SNAP)),
+    "list_snapshots": Method(_list),
+    "release": Method(_release, (_ORIGIN, _SNAP, Param("offset", int), Param("length", int))),
+    "changed_ranges": Method(_changed, (_ORIGIN, _SNAP)),
 }
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_request(line: bytes) -> tuple[Any, str, dict[str, Any]]:
+    """``(id, method, params)`` of one request line; :class:`ControlError` if malformed."""
+    try:
+        request = json.loads(line, parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise ControlError("request is not JSON") from None
+    if not isinstance(request, dict):
+        raise ControlError("request must be a JSON object")
+    method = request.get("method")
+    params = request.get("params")
+    if not isinstance(method, str):
+        raise ControlError("request has no method name")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ControlError("params must be a JSON object")
+    return request.get("id"), method, params
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).splitlines()) or type(err).__name__
 
 
 class ControlServer:
@@ -131,11 +211,20 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while line := await reader.readline():
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # over the limit: say so, then hang up
+                    error = {"type": "ControlError", "message": f"request over {_MAX_LINE} bytes"}
+                    writer.write(json.dumps({"id": None, "error": error}).encode() + b"\n")
+                    await writer.drain()
+                    break
+                if not line:
+                    break
                 response = await self._answer(line)
                 writer.write(json.dumps(response).encode() + b"\n")
                 await writer.drain()
-        except (ConnectionError, ValueError) as err:  # ValueError: line over the limit
+        except ConnectionError as err:
             log.debug("control connection ended: %s", err)
         finally:
             writer.close()
@@ -143,24 +232,16 @@ class ControlServer:
     async def _answer(self, line: bytes) -> dict[str, Any]:
         req_id: Any = None
         try:
-            try:
-                request = json.loads(line)
-            except ValueError:
-                raise ControlError("request is not JSON") from None
-            if not isinstance(request, dict):
-                raise ControlError("request must be a JSON object")
-            req_id = request.get("id")
-            method = METHODS.get(request.get("method", ""))
-            params = request.get("params") or {}
+            req_id, name, params = parse_request(line)
+            method = METHODS.get(name)
             if method is None:
-                raise ControlError(f"unknown method {request.get('method')!r}")
-            if not isinstance(params, dict):
-                raise ControlError("params must be a JSON object")
+                raise ControlError(f"unknown method {shown(name)}")
+            args = method.arguments(name, params)
             async with self._lock:
-                result = await method(self.backend, params)
+                result = await method.handler(self.backend, args)
             return {"id": req_id, "result": result}
         except SnapimgError as err:
-            return {"id": req_id, "error": {"type": type(err).__name__, "message": str(err)}}
+            return {"id": req_id, "error": {"type": type(err).__name__, "message": one_line(err)}}
         except Exception as err:
             log.exception("control request failed")
-            return {"id": req_id, "error": {"type": "InternalError", "message": repr(err)}}
+            return {"id": req_id, "error": {"type": "InternalError", "message": one_line(err)}}
