@@ -136,7 +136,7 @@ def _run_diff(args: argparse.Namespace) -> int:
     from snapimg.inspect.report import format_table, size_cell
     from snapimg.inspect.target import open_target
     from snapimg.progress import Progress
-    from snapimg.units import check_block_size, format_size
+    from snapimg.units import check_block_size, count, format_size
 
     bs = parse_size(args.block_size, "block size")
     check_block_size(bs)
@@ -157,8 +157,9 @@ def _run_diff(args: argparse.Namespace) -> int:
             f"; sizes differ: {result.size_a} and {result.size_b} bytes"
         )
         print(
-            f"{result.changed_blocks} changed blocks of {format_size(bs)} in "
-            f"{len(result.ranges)} ranges, {result.changed_bytes} bytes{sizes}"
+            f"{count(result.changed_blocks, 'changed block')} of {format_size(bs)} in "
+            f"{count(len(result.ranges), 'range')}, {count(result.changed_bytes, 'byte')}"
+            f"{sizes}"
         )
     return 0 if result.identical else 1
 
