@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from snapimg.cli.common import add_size
 from snapimg.errors import SnapimgError
 from snapimg.units import parse_size
 
@@ -40,7 +41,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("a", metavar="A", help="image path or nbd:// URI")
     p.add_argument("b", metavar="B", help="image path or nbd:// URI")
-    p.add_argument("--block-size", default="64K", help="granularity of ranges (default 64K)")
+    add_size(p, "--block-size", "granularity of ranges, a power of two from 4K to 1M",
+             example="64K", default="64K")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_diff)
 

@@ -14,8 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
+import textwrap
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
@@ -40,7 +44,7 @@ DESCRIPTION = (
 )
 
 EPILOG = f"""\
-{SIZE_SYNTAX}.
+{textwrap.fill(SIZE_SYNTAX + ".", 79)}
 Exit status: 0 success, 1 error (one line on stderr), 2 bad command line,
 130 interrupted (SIGINT), 143 terminated (SIGTERM); diff: 0 same, 1 different, 2 error.
 Run 'snapimg COMMAND --help' for a command's options; docs: README.md and docs/."""
@@ -56,7 +60,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="snapimg",
-        description=DESCRIPTION,
+        description=textwrap.fill(DESCRIPTION, 79),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -82,20 +86,59 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.Argument
                     yield child
 
 
+# Commands that clean up after SIGINT/SIGTERM (drop snapshots, remove temporary files,
+# stop daemons) and so must never be cut short; every other command is read-only or a
+# single request, and is ended by the watchdog if a C library blocks its reaction.
+_CLEANS_UP = ("serve", "backup", "restore", "demo", "attach", "detach")
+_GRACE = 1.0  # seconds a command has to react to a signal before the watchdog ends it
+
+
 class _Signalled:
-    """SIGTERM raises KeyboardInterrupt as SIGINT does; the number decides the status."""
+    """SIGTERM raises KeyboardInterrupt as SIGINT does; the number decides the status.
+
+    Python runs signal handlers only between bytecodes, so a command blocked inside C
+    (libnbd waiting on a server that never answers retries its poll on EINTR) would not
+    react.  For commands with nothing to clean up, a watchdog thread learns of the signal
+    through the wakeup fd (written by the C-level handler at once) and, if the command
+    has not ended ``_GRACE`` seconds later, prints the line and exits 128 + signal.
+    """
 
     number = signal.SIGINT
+    received = False
+    reported = threading.Event()
 
     @classmethod
     def handler(cls, signum: int, frame: FrameType | None) -> None:
         cls.number = signal.Signals(signum)
+        cls.received = True
         raise KeyboardInterrupt
 
     @classmethod
     def install(cls) -> None:
         signal.signal(signal.SIGTERM, cls.handler)
         signal.signal(signal.SIGINT, cls.handler)
+
+    @classmethod
+    def start_watchdog(cls, command: str) -> None:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)
+        threading.Thread(
+            target=cls._watch, args=(r, command), name="signal-watchdog", daemon=True
+        ).start()
+
+    @classmethod
+    def _watch(cls, r: int, command: str) -> None:
+        signum = os.read(r, 1)[0]
+        if cls.reported.wait(_GRACE):
+            time.sleep(_GRACE)  # reported, but still here: a thread blocks the exit
+        else:
+            print(f"snapimg {command}: {_what(signum)}", file=sys.stderr, flush=True)
+        os._exit(exit_status_of_signal(signum))
+
+
+def _what(signum: int) -> str:
+    return "terminated" if signum == signal.SIGTERM else "interrupted"
 
 
 def exit_status_of_signal(signum: int) -> int:
@@ -119,22 +162,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
+    if args.command not in _CLEANS_UP:
+        _Signalled.start_watchdog(args.command)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except SnapimgError as err:
-        print(f"snapimg {args.command}: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
+    except KeyboardInterrupt:
+        return _interrupted(args.command)
+    except (SnapimgError, OSError) as err:
+        if _Signalled.received:  # a library turned the interruption into its own error
+            return _interrupted(args.command)
         if isinstance(err, BrokenPipeError):
             return 141
-        print(f"snapimg {args.command}: {_os_error_line(err)}", file=sys.stderr)
+        text = _os_error_line(err) if isinstance(err, OSError) else str(err)
+        print(f"snapimg {args.command}: {text}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        number = _Signalled.number
-        what = "terminated" if number == signal.SIGTERM else "interrupted"
-        print(f"snapimg {args.command}: {what}", file=sys.stderr)
-        return exit_status_of_signal(number)
+
+
+def _interrupted(command: str) -> int:
+    number = _Signalled.number
+    print(f"snapimg {command}: {_what(number)}", file=sys.stderr, flush=True)
+    _Signalled.reported.set()
+    return exit_status_of_signal(number)
 
 
 def _os_error_line(err: OSError) -> str:

@@ -17,6 +17,7 @@ import ipaddress
 import os
 import shutil
 import signal
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -41,7 +42,7 @@ SECTOR = 512  # QEMU's NBD client sees sizes in whole sectors
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "serve", help="serve raw images and their snapshots over NBD (foreground)"
+        "serve", help="serve raw images and their snapshots over NBD (until SIGTERM)"
     )
     p.add_argument(
         "images",
@@ -77,7 +78,8 @@ def register(sub: Any) -> None:
         "--daemonize",
         action="store_true",
         help="return once the server is ready, leaving it running in the background "
-        "(stop it with SIGTERM, e.g. kill $(cat PID_FILE))",
+        "(stop it with SIGTERM, e.g. kill $(cat PID_FILE)); its later log lines go to "
+        "stderr only if that is a file (2>>serve.log)",
     )
     p.add_argument(
         "--backend",
@@ -236,7 +238,7 @@ def _daemonize() -> IO[str] | None:
     with os.fdopen(r) as ready:
         line = ready.read()
     if line:
-        sys.stdout.write(line)
+        sys.stdout.write(line.lstrip("\n"))  # a lone newline: ready, but quiet
         sys.stdout.flush()
         return None
     _, status = os.waitpid(pid, 0)
@@ -333,8 +335,11 @@ def _announce(args: argparse.Namespace, ready: str, pipe: IO[str] | None) -> Non
         return
     pipe.write(text or "\n")  # something, so that the parent knows we are ready
     pipe.close()
+    # Let go of the caller's terminal and pipes ($(...) would wait for them forever);
+    # a regular file as stderr (2>>serve.log) keeps the daemon's log lines.
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
+    keep_stderr = stat.S_ISREG(os.fstat(2).st_mode)
+    for fd in (0, 1) if keep_stderr else (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
 
@@ -356,7 +361,8 @@ def odd_size_warnings(config: ServeConfig, exported: dict[str, int]) -> Iterator
         else:
             yield (
                 f"{name} ({path}) is {size} bytes, not a multiple of {SECTOR}: it is "
-                f"exported as {seen} bytes, the last {seen - size} reading as zeros"
+                f"exported as {seen} bytes, the last {seen - size} reading as zeros; "
+                f"a write there makes the file {seen} bytes long"
             )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from datetime import datetime
 from pathlib import Path
@@ -12,6 +13,7 @@ from snapimg import errors
 from snapimg.backends.base import SnapshotInfo
 from snapimg.errors import ControlError, SnapimgError
 
+log = logging.getLogger(__name__)
 _MAX_RESPONSE = 64 << 20  # a list of many snapshots is long; anything longer is not ours
 
 
@@ -38,8 +40,10 @@ class ControlClient:
                 raise ControlError(f"cannot connect to {self.path}: {err.strerror}") from None
             self._next_id += 1
             request = {"id": self._next_id, "method": method, "params": params}
+            log.debug("-> %s", request)
             sock.sendall(json.dumps(request).encode() + b"\n")
             line = sock.makefile("rb").readline(_MAX_RESPONSE)
+            log.debug("<- %s", line[:1000].decode(errors="replace").rstrip())
         except TimeoutError:
             raise ControlError(f"no answer from {self.path} within {self.timeout:.0f} s") from None
         except OSError as err:

@@ -159,14 +159,18 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_request(line: bytes) -> tuple[Any, str, dict[str, Any]]:
-    """``(id, method, params)`` of one request line; :class:`ControlError` if malformed."""
+def parse_request(line: bytes) -> dict[str, Any]:
+    """The JSON object of one request line; :class:`ControlError` if it is none."""
     try:
         request = json.loads(line, parse_constant=_no_constant)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise ControlError("request is not JSON") from None
     if not isinstance(request, dict):
         raise ControlError("request must be a JSON object")
+    return request
+
+
+def method_and_params(request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     method = request.get("method")
     params = request.get("params")
     if not isinstance(method, str):
@@ -175,11 +179,23 @@ def parse_request(line: bytes) -> tuple[Any, str, dict[str, Any]]:
         params = {}
     if not isinstance(params, dict):
         raise ControlError("params must be a JSON object")
-    return request.get("id"), method, params
+    return method, params
+
+
+_MAX_MESSAGE = 300
+
+
+def _args_text(args: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v!r}" for k, v in args.items() if v is not None)
 
 
 def one_line(err: BaseException) -> str:
-    return " ".join(str(err).splitlines()) or type(err).__name__
+    """The error as one line of at most ``_MAX_MESSAGE`` characters (names a client sent
+    may be long: a message quoting one is cut)."""
+    text = " ".join(str(err).splitlines()) or type(err).__name__
+    if len(text) > _MAX_MESSAGE:
+        text = text[: _MAX_MESSAGE - 30] + f"... ({len(text)} characters)"
+    return text
 
 
 class ControlServer:
@@ -232,15 +248,19 @@ class ControlServer:
     async def _answer(self, line: bytes) -> dict[str, Any]:
         req_id: Any = None
         try:
-            req_id, name, params = parse_request(line)
+            request = parse_request(line)
+            req_id = request.get("id")
+            name, params = method_and_params(request)
             method = METHODS.get(name)
             if method is None:
                 raise ControlError(f"unknown method {shown(name)}")
             args = method.arguments(name, params)
             async with self._lock:
                 result = await method.handler(self.backend, args)
+            log.info("control: %s %s: done", name, _args_text(args))
             return {"id": req_id, "result": result}
         except SnapimgError as err:
+            log.info("control: refused: %s", one_line(err))
             return {"id": req_id, "error": {"type": type(err).__name__, "message": one_line(err)}}
         except Exception as err:
             log.exception("control request failed")
