@@ -180,6 +180,24 @@ def probe(path: Path) -> LockState:
     return LockState(path, held, unshared, holders)
 
 
+def check_not_in_use(path: Path) -> None:
+    """Raise :class:`ImageInUseError` if a QEMU or snapimg process has ``path`` open with
+    locks (a running VM, ``snapimg serve``, qemu-img): a tool about to replace or rewrite
+    the file (``restore --to``) must not.  To also keep others out while writing, take
+    :meth:`ImageLock.acquire` instead and hold it."""
+    state = probe(path)
+    if not state.in_use:
+        return
+    used = state.held or state.unshared
+    first = next(_bits(used))
+    raise ImageInUseError(
+        f"image {path} is in use {_by(state.holders)} ({state.describe().split('; by ')[0]})",
+        path=path,
+        permission=PERM_NAMES[first],
+        holders=state.holders,
+    )
+
+
 class ImageLock:
     """QEMU's locks on one image, held until :meth:`release` (or the process ends)."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from snapimg.errors import ImageInUseError
-from snapimg.imagelock import ImageLock, Perm, probe
+from snapimg.imagelock import ImageLock, Perm, check_not_in_use, probe
 from tests.interop.qemu_tools import qemu_io, run
 from tests.interop.serving import Serve, snapimg
 
@@ -122,6 +122,12 @@ def test_a_running_vm_is_seen_and_refused(tmp_path: Path, vm: Callable[[Path], V
     assert [(h.pid, h.command) for h in state.holders] == [
         (guest.proc.pid, "qemu-system-x86_64")
     ]
+    with pytest.raises(ImageInUseError) as used:  # what restore --to asks before writing
+        check_not_in_use(img)
+    assert str(used.value) == (
+        f"image {img} is in use by qemu-system-x86_64 (pid {guest.proc.pid}) "
+        "(held: consistent read, write; not shared: write)"
+    )
     with pytest.raises(ImageInUseError) as exc:
         ImageLock.acquire(img)
     assert exc.value.holders == state.holders
@@ -136,6 +142,7 @@ def test_a_running_vm_is_seen_and_refused(tmp_path: Path, vm: Callable[[Path], V
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vm.img"]
     guest.stop()
     assert not probe(img).in_use
+    check_not_in_use(img)
 
 
 @pytest.mark.parametrize("backend", ["native", "qsd"])
