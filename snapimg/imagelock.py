@@ -106,7 +106,8 @@ def _locked_by_other(fd: int, offset: int) -> bool:
 
 def _open(path: Path) -> int:
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        # O_NONBLOCK: a FIFO or a tape must not hang the open (locks do not care)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except OSError as err:
         raise UsageError(f"cannot open image {path}: {err.strerror}") from None
 

@@ -118,6 +118,8 @@ def parse_origins(specs: list[str]) -> dict[str, Path]:
             raise UsageError(f"image {image}: {err.strerror}") from None
         if path.is_dir():
             raise UsageError(f"image {image} is a directory")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise UsageError(f"image {image} is not a regular file or block device")
         key = (st.st_dev, st.st_ino)
         if key in seen:
             raise UsageError(

@@ -77,6 +77,7 @@ def test_serve_refusals_leave_nothing_behind(tmp_path: Path) -> None:
     img = tmp_path / "d.img"
     img.write_bytes(b"\0" * MiB)
     (tmp_path / "afile").write_text("x")
+    os.mkfifo(tmp_path / "fifo")
     before = listing(tmp_path)
 
     def serve(*extra: str | Path, store: str | Path = tmp_path / "store",
@@ -84,6 +85,10 @@ def test_serve_refusals_leave_nothing_behind(tmp_path: Path) -> None:
         return snapimg("serve", f"d={img}", "--socket", sock, "--control",
                        tmp_path / "c.sock", "--store-dir", store, *extra, check=False)
 
+    for image in (tmp_path / "fifo", "/dev/null"):  # nothing may hang or be opened
+        proc = snapimg("serve", image, "--socket", tmp_path / "n.sock", "--control",
+                       tmp_path / "c.sock", "--store-dir", tmp_path / "store", check=False)
+        one_line_error(proc, f"image {image} is not a regular file or block device")
     one_line_error(serve(store="/proc/nope"), "cannot create --store-dir /proc/nope")
     one_line_error(serve(store=tmp_path / "no/store"), f"no such directory {tmp_path / 'no'}")
     one_line_error(serve(store=tmp_path / "afile"), "is not a directory")
