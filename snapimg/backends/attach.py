@@ -65,9 +65,11 @@ async def attach(qmp_path: Path, device: str, name: str, store_dir: Path,
         nodes = SnapshotNodes(node_key(name), name, store_dir / f"{name}.qcow2", None)
         if nodes.target in await qmp.node_names():
             raise SnapshotError(f"snapshot {name} is already attached to this QEMU")
-        store_dir.mkdir(parents=True, exist_ok=True)
-        sock, started = await ensure_nbd_server(qmp, socket, store_dir / "nbd.sock")
+        created = not store_dir.exists()
+        store_dir.mkdir(exist_ok=True)
+        started = False
         try:
+            sock, started = await ensure_nbd_server(qmp, socket, store_dir / "nbd.sock")
             await graph.create_qcow2(nodes.target_path, size, COPY_GRANULARITY)
             await graph.add_snapshot(qmp, root, nodes)
         except BaseException:
@@ -75,6 +77,9 @@ async def attach(qmp_path: Path, device: str, name: str, store_dir: Path,
                 nodes.target_path.unlink()
             if started:
                 await stop_nbd_server_if_idle(qmp)
+            if created:  # a failed attach leaves no new directory
+                with contextlib.suppress(OSError):
+                    store_dir.rmdir()
             raise
         return Attached(name, unix_uri(name, sock), sock, nodes.target_path)
     finally:
