@@ -216,8 +216,10 @@ def test_odd_sized_image_warning(tmp_path: Path, serve: Callable[..., Serve]) ->
     assert s.stop() == 143
     quiet = snapimg("serve", f"odd={img}", "--socket", s.socket, "--control", s.control,
                     "--store-dir", s.store, "--pid-file", s.pid_file, "--daemonize", "-q")
-    assert quiet.stdout == "" and quiet.stderr == ""
-    stop_daemon(s.pid_file)
+    try:
+        assert quiet.stdout == "" and quiet.stderr == ""
+    finally:
+        stop_daemon(s.pid_file)
 
 
 def stop_daemon(pid_file: Path) -> None:
@@ -277,5 +279,7 @@ def test_daemonize(tmp_path: Path) -> None:
         stop_daemon(tmp_path / "pid")
     assert not (tmp_path / "n.sock").exists() and not probe(img).in_use
     quiet = snapimg(*args, "-q")
-    assert quiet.stdout == "" and quiet.stderr == ""
-    stop_daemon(tmp_path / "pid")
+    try:
+        assert quiet.stdout == "" and quiet.stderr == ""
+    finally:
+        stop_daemon(tmp_path / "pid")
