@@ -19,6 +19,7 @@ NBD server can map them onto the NBD error codes without knowing the engine::
      |    +-- StoreFormatError     truncated, corrupted or unknown-version store
      |    +-- StoreMismatchError   the store belongs to another origin
      +-- SnapshotError             snapshot lifecycle (unknown, duplicate name, ...)
+     +-- ImageInUseError           another QEMU or snapimg process holds the image's locks
      +-- ProtocolError             NBD wire protocol violations
      +-- ControlError              control socket: server not running, bad request
      +-- BackupError               backup directory: bad manifest, broken chain, failed verify
@@ -33,6 +34,11 @@ NBD server can map them onto the NBD error codes without knowing the engine::
 from __future__ import annotations
 
 import errno as _errno
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from snapimg.imagelock import Holder
 
 
 class SnapimgError(Exception):
@@ -83,6 +89,27 @@ class StoreMismatchError(StoreError):
 
 class SnapshotError(SnapimgError):
     """Snapshot lifecycle errors: unknown snapshot, duplicate name, ..."""
+
+
+class ImageInUseError(SnapimgError):
+    """An image is locked by another QEMU or snapimg process (:mod:`snapimg.imagelock`).
+
+    ``permission`` is the QEMU permission that could not be had ("write", ...),
+    ``holders`` the processes seen holding the image's lock bytes.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Path | None = None,
+        permission: str | None = None,
+        holders: tuple[Holder, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.permission = permission
+        self.holders = holders
 
 
 class ProtocolError(SnapimgError):

@@ -77,8 +77,13 @@ class Backend(Protocol):
 
     async def list_snapshots(self) -> list[SnapshotInfo]: ...
 
-    async def release(self, origin: str, snap: str, offset: int, length: int) -> None:
-        """Free store space of a range the backup reader has copied; it then reads as EIO."""
+    async def release(
+        self, origin: str, snap: str, offset: int, length: int
+    ) -> tuple[int, int]:
+        """Free store space of a range the backup reader has copied; it then reads as EIO.
+
+        Only whole blocks are freed: returns the (offset, length) released, and raises
+        :class:`~snapimg.errors.UsageError` for a range that covers no whole block."""
         ...
 
     async def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:

@@ -124,7 +124,7 @@ def test_quiesce_records_survive_a_restart_and_follow_the_snapshot(
     notes = json.loads((server.store / "quiesce.json").read_text())
     assert notes["snapshots"]["disk@q"] == {"created": info.created.isoformat(), "frozen_ms": 12}
 
-    assert server.stop() == 0
+    assert server.stop() == 143  # SIGTERM: clean shutdown, status 128 + 15
     server = serve([f"disk={image}"], "--backend", backend)  # same store dir
     rows = {row["name"]: row for row in _snapshots(server)}
     assert rows["disk@q"]["quiesced"] is True  # qsd: the snapshot is invalid now, still noted
