@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapimg.errors import SnapimgError
+from snapimg.units import count
 
 MiB = 1 << 20
 IMAGE_SIZE = 64 * MiB
@@ -205,10 +206,11 @@ def run_demo(workdir: Path | None = None) -> bool:
         expected_now = sha256(replay(base, plan[:total]))
         print(f"backup copy sha256             {sha256(copy_data)}")
         if k is not None:
-            print(f"image after exactly {k} writes  {sha256(replay(base, plan[:k]))}")
+            print(f"image after exactly {count(k, 'write')}  {sha256(replay(base, plan[:k]))}")
         else:
-            print(f"no image state between {before} and {after + 1} writes matches the copy")
-        print(f"origin now, after {total} writes {now} "
+            print(f"no image state between {before} and {count(after + 1, 'write')} matches "
+                  "the copy")
+        print(f"origin now, after {count(total, 'write')} {now} "
               f"({'holds every write' if now == expected_now else 'WRONG'})")
         ok = k is not None and now == expected_now and now != sha256(copy_data)
         print("RESULT: " + ("the snapshot copy is the image exactly as it was at snapshot time"

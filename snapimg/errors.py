@@ -19,17 +19,26 @@ NBD server can map them onto the NBD error codes without knowing the engine::
      |    +-- StoreFormatError     truncated, corrupted or unknown-version store
      |    +-- StoreMismatchError   the store belongs to another origin
      +-- SnapshotError             snapshot lifecycle (unknown, duplicate name, ...)
+     +-- ImageInUseError           another QEMU or snapimg process holds the image's locks
      +-- ProtocolError             NBD wire protocol violations
      +-- ControlError              control socket: server not running, bad request
      +-- BackupError               backup directory: bad manifest, broken chain, failed verify
      +-- FilesystemError           a filesystem inside an image: missing, damaged, no such file
      +-- QemuError                 QEMU / QMP failures (class, description, command)
+     +-- QgaError                  the guest agent refused a command (its error class, desc,
+     |    |                        command) or could not be reached
+     |    +-- QgaTimeoutError      the guest agent did not answer within the timeout
      +-- VmError                   the VM test rig (boot timeout, guest failure)
 """
 
 from __future__ import annotations
 
 import errno as _errno
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from snapimg.imagelock import Holder
 
 
 class SnapimgError(Exception):
@@ -82,6 +91,27 @@ class SnapshotError(SnapimgError):
     """Snapshot lifecycle errors: unknown snapshot, duplicate name, ..."""
 
 
+class ImageInUseError(SnapimgError):
+    """An image is locked by another QEMU or snapimg process (:mod:`snapimg.imagelock`).
+
+    ``permission`` is the QEMU permission that could not be had ("write", ...),
+    ``holders`` the processes seen holding the image's lock bytes.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Path | None = None,
+        permission: str | None = None,
+        holders: tuple[Holder, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.permission = permission
+        self.holders = holders
+
+
 class ProtocolError(SnapimgError):
     """A peer broke the NBD protocol."""
 
@@ -100,6 +130,30 @@ class FilesystemError(SnapimgError):
 
 class QemuError(SnapimgError):
     """QEMU refused a QMP command or a QEMU process failed."""
+
+
+class QgaError(SnapimgError):
+    """The guest agent (qemu-guest-agent, directly or through libvirt) failed a command.
+
+    ``error_class`` is the agent's own error class (``GenericError``, ``CommandNotFound``,
+    ...) when the agent answered with an error, None when it could not be reached;
+    ``desc`` is its description and ``command`` the command (``guest-fsfreeze-freeze``)."""
+
+    def __init__(self, desc: str, *, command: str | None = None,
+                 error_class: str | None = None, where: str | None = None) -> None:
+        self.desc = desc
+        self.command = command
+        self.error_class = error_class
+        self.where = where
+        parts = [f"guest agent at {where}" if where else "guest agent"]
+        if command:
+            parts.append(command)
+        text = ": ".join(parts) + ": "
+        super().__init__(text + (f"{error_class}: {desc}" if error_class else desc))
+
+
+class QgaTimeoutError(QgaError):
+    """The guest agent did not answer a command within the timeout."""
 
 
 class VmError(SnapimgError):

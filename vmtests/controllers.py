@@ -30,17 +30,23 @@ class Controller:
         return ["-device", self.hba_device] if self.hba_device else []
 
     def disk_device(self, index: int, drive: str, bootindex: int) -> str:
-        """The -device value attaching block node ``drive`` as disk number ``index``."""
+        """The -device value attaching block node ``drive`` as disk number ``index``; the
+        device's id is :func:`device_id` of ``drive`` (what ``snapimg attach --device`` takes)."""
         if not 0 <= index < self.max_disks:
             raise ValueError(f"{self.name}: disk index {index} out of range")
+        ident = f"id={device_id(drive)},bootindex={bootindex}"
         if self.kind == "ide":
             where = f"bus=ide.{index // 2},unit={index % 2}"
-            return f"ide-hd,drive={drive},{where},bootindex={bootindex}"
+            return f"ide-hd,drive={drive},{where},{ident}"
         if self.kind == "ahci":
-            return f"ide-hd,drive={drive},bus=ide.{index},bootindex={bootindex}"
+            return f"ide-hd,drive={drive},bus=ide.{index},{ident}"
         channel = ",channel=0,lun=0" if self.name == "virtio-scsi" else ""
-        return (f"scsi-hd,drive={drive},bus={HBA_ID}.0,scsi-id={index}{channel},"
-                f"bootindex={bootindex}")
+        return f"scsi-hd,drive={drive},bus={HBA_ID}.0,scsi-id={index}{channel},{ident}"
+
+
+def device_id(drive: str) -> str:
+    """The qdev id of the disk device on block node ``drive``."""
+    return f"dev-{drive}"
 
 
 CONTROLLERS: dict[str, Controller] = {

@@ -6,8 +6,10 @@ the host the way a bare Debian machine needs it (a ``libvirt-qemu`` user and gro
 security driver or cgroups) and starts ``libvirtd --daemon`` itself; :meth:`Libvirtd.stop` ends
 only a daemon the rig started.  :func:`domain_xml` describes a guest booting the Linux test
 kernel directly, with one disk (an NBD export on a unix socket, or a raw file) on an IDE, AHCI
-or SCSI controller, its serial console written to a file and user networking forwarding a
-127.0.0.1 port to the guest's SSH.  :class:`LibvirtVm` is a :class:`vmtests.guests.linux.GuestVm`.
+or SCSI controller, its serial console written to a file, user networking forwarding a
+127.0.0.1 port to the guest's SSH, and the qemu-guest-agent channel (libvirt connects to it:
+quiesce such a domain through libvirt, ``--libvirt DOMAIN``).  :class:`LibvirtVm` is a
+:class:`vmtests.guests.linux.GuestVm`.
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ def domain_xml(name: str, controller: Controller, disk: Disk, boot: BootFiles,
     {_disk_xml(disk, target, bus)}
     <serial type='file'><source path={quoteattr(str(console_log))}/><target port='0'/></serial>
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <channel type='unix'><source mode='bind'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/></channel>
     <memballoon model='none'/>
   </devices>
   <qemu:commandline>{args_xml}</qemu:commandline>

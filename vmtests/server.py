@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from snapimg.errors import VmError
@@ -71,7 +74,8 @@ class SnapimgServer:
         with self.log_path.open("a") as log:
             log.write("ready: " + line.decode(errors="replace"))
 
-    async def _cli(self, *args: str) -> str:
+    async def cli(self, *args: str) -> str:
+        """Run ``snapimg ARGS``; its stdout (stripped); a non-zero exit raises VmError."""
         proc = await asyncio.create_subprocess_exec(
             *self.settings.snapimg_command(), *args,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -80,16 +84,25 @@ class SnapimgServer:
             raise VmError(f"snapimg {' '.join(args)}: {err.decode().strip()}")
         return out.decode().strip()
 
-    async def snapshot_create(self, export: str, snap: str, writable: bool = False) -> str:
-        """Create snapshot ``export@snap``; its NBD URI as snapimg prints it."""
-        uri = await self._cli("snapshot", "create", "--control", str(self.control),
-                              f"{export}@{snap}", *(["--writable"] if writable else []))
+    async def snapshot_create(self, export: str, snap: str, writable: bool = False,
+                              options: Sequence[str] = ()) -> str:
+        """Create snapshot ``export@snap`` (``options``: more ``snapshot create`` options, e.g.
+        ``--quiesce --qga SOCKET``); its NBD URI as snapimg prints it."""
+        uri = await self.cli("snapshot", "create", "--control", str(self.control),
+                             f"{export}@{snap}", *(["--writable"] if writable else []),
+                             *options)
         if not uri.startswith("nbd+unix://"):
             raise VmError(f"snapimg snapshot create printed {uri!r}, not an nbd+unix URI")
         return uri.splitlines()[-1]
 
+    async def snapshot_list(self) -> list[dict[str, Any]]:
+        """``snapimg snapshot list --json``."""
+        result: list[dict[str, Any]] = json.loads(
+            await self.cli("snapshot", "list", "--control", str(self.control), "--json"))
+        return result
+
     async def snapshot_drop(self, export: str, snap: str) -> None:
-        await self._cli("snapshot", "drop", "--control", str(self.control), f"{export}@{snap}")
+        await self.cli("snapshot", "drop", "--control", str(self.control), f"{export}@{snap}")
 
     async def stop(self, timeout: float = 15.0) -> int | None:
         proc = self.process

@@ -10,8 +10,9 @@ build is reused until either changes.  The initramfs is deterministic (same inpu
 
 What goes in: Debian's kernel (as an uncompressed ``vmlinux`` with its PVH note, which QEMU
 boots directly and faster than the bzImage under TCG), busybox, dropbear, e2fsprogs, dosfstools,
-the shared libraries they link, and the kernel modules for the storage controllers, virtio/e1000
-networking, ext4 and vfat, in dependency order.  Per-run secrets (SSH keys) are NOT in it: the rig
+qemu-guest-agent, the shared libraries they link, and the kernel modules for the storage
+controllers, virtio/e1000 networking, virtio-serial (the agent's port), ext4 and vfat, in
+dependency order.  Per-run secrets (SSH keys) are NOT in it: the rig
 appends them as a second cpio archive (see vmtests/guests/linux.py).
 """
 
@@ -42,14 +43,16 @@ from vmtests import cpio  # noqa: E402
 DEFAULT_CACHE = REPO / "images" / "cache" / "linux"
 KERNEL_META = "linux-image-amd64"
 PACKAGES = [
-    "busybox-static", "dropbear-bin", "e2fsprogs", "dosfstools",
+    "busybox-static", "dropbear-bin", "e2fsprogs", "dosfstools", "qemu-guest-agent",
     # shared libraries of the programs above (checked against their DT_NEEDED at build time)
     "libc6", "libcrypt1", "libtomcrypt1", "libtommath1", "libgmp10", "zlib1g",
     "libext2fs2", "libcom-err2", "libblkid1", "libuuid1",
+    "libglib2.0-0", "libpcre2-8-0", "libnuma1", "libudev1", "liburing2",
 ]
 PROGRAMS = [
     "usr/sbin/dropbear", "usr/bin/dropbearkey",
     "sbin/e2fsck", "sbin/mke2fs", "sbin/dumpe2fs", "sbin/fsck.fat", "sbin/mkfs.fat",
+    "usr/sbin/qemu-ga",
 ]
 LIB_DIRS = ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"]
 LOADER = "lib64/ld-linux-x86-64.so.2"
@@ -58,6 +61,8 @@ LOADER = "lib64/ld-linux-x86-64.so.2"
 # command line, or every group.  Storage group names are the rig's controller names.
 MODULES = {
     "net": ["virtio_pci", "virtio_net", "e1000", "virtio_rng"],
+    # the guest agent's virtio-serial port (/init starts qemu-ga when the port exists)
+    "agent": ["virtio_console"],
     # sd_mod before the controller keeps sdX names stable between boots
     "ide": ["sd_mod", "ata_piix", "ata_generic"],
     "ahci": ["sd_mod", "ahci"],
@@ -193,7 +198,7 @@ def module_entries(staging: Path) -> tuple[list[cpio.Entry], dict[str, list[str]
         wanted.update(order)
         text = "".join(params.get(name, name) + "\n" for name in order)
         entries.append(cpio.regular(f"etc/modules/{group}", text.encode()))
-    groups = " ".join(group for group in MODULES if group != "net")
+    groups = " ".join(group for group in MODULES if group not in ("net", "agent"))
     entries.append(cpio.regular("etc/modules/groups", f"{groups}\n".encode()))
     for name in sorted(wanted):
         entries.append(cpio.regular(f"lib/modules/{name}.ko", tree.paths[name].read_bytes()))

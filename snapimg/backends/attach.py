@@ -36,6 +36,8 @@ from snapimg.backends.qsd import graph
 from snapimg.backends.qsd.graph import COPY_GRANULARITY, SnapshotNodes
 from snapimg.backends.qsd.qmp import Qmp
 from snapimg.errors import QemuError, SnapshotError, UsageError
+from snapimg.names import split_snapshot_name
+from snapimg.nbd.uri import unix_uri
 
 NBD_MARKER = "snapimg-nbd"
 _FILTER = re.compile(r"^si[0-9a-f]{12}-cbw$")
@@ -49,34 +51,25 @@ class Attached:
     target: Path
 
 
-def split_name(name: str) -> tuple[str, str]:
-    origin, sep, snap = name.partition("@")
-    if not sep or not origin or not snap or "@" in snap or "/" in name or " " in name:
-        raise UsageError(f"bad snapshot name {name!r}: expected NAME@SNAP")
-    return origin, snap
-
-
 def node_key(name: str) -> str:
     """Short, stable prefix of the node names for snapshot ``name`` (QEMU allows 31 chars)."""
     return "si" + hashlib.sha1(name.encode()).hexdigest()[:12]
 
 
-def uri(name: str, socket: Path) -> str:
-    return f"nbd+unix:///{name}?socket={socket}"
-
-
 async def attach(qmp_path: Path, device: str, name: str, store_dir: Path,
                  socket: Path | None) -> Attached:
-    split_name(name)
+    split_snapshot_name(name)
     qmp = await Qmp.connect(qmp_path)
     try:
         root, size = await device_root(qmp, device)
         nodes = SnapshotNodes(node_key(name), name, store_dir / f"{name}.qcow2", None)
         if nodes.target in await qmp.node_names():
             raise SnapshotError(f"snapshot {name} is already attached to this QEMU")
-        store_dir.mkdir(parents=True, exist_ok=True)
-        sock, started = await ensure_nbd_server(qmp, socket, store_dir / "nbd.sock")
+        created = not store_dir.exists()
+        store_dir.mkdir(exist_ok=True)
+        started = False
         try:
+            sock, started = await ensure_nbd_server(qmp, socket, store_dir / "nbd.sock")
             await graph.create_qcow2(nodes.target_path, size, COPY_GRANULARITY)
             await graph.add_snapshot(qmp, root, nodes)
         except BaseException:
@@ -84,14 +77,17 @@ async def attach(qmp_path: Path, device: str, name: str, store_dir: Path,
                 nodes.target_path.unlink()
             if started:
                 await stop_nbd_server_if_idle(qmp)
+            if created:  # a failed attach leaves no new directory
+                with contextlib.suppress(OSError):
+                    store_dir.rmdir()
             raise
-        return Attached(name, uri(name, sock), sock, nodes.target_path)
+        return Attached(name, unix_uri(name, sock), sock, nodes.target_path)
     finally:
         await qmp.close()
 
 
 async def detach(qmp_path: Path, name: str) -> None:
-    split_name(name)
+    split_snapshot_name(name, existing=True)
     qmp = await Qmp.connect(qmp_path)
     try:
         key = node_key(name)

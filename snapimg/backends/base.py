@@ -28,6 +28,10 @@ class SnapshotInfo:
     block_size: int
     writable: bool
     on_full: OnFull
+    # taken while the guest's filesystems were frozen (snapimg.qga); recorded by the control
+    # layer after the thaw (snapimg.control.quiesce_notes), never by a backend
+    quiesced: bool = False
+    frozen_ms: int | None = None
 
     @property
     def name(self) -> str:
@@ -47,6 +51,8 @@ class SnapshotInfo:
             "block_size": self.block_size,
             "writable": self.writable,
             "on_full": self.on_full,
+            "quiesced": self.quiesced,
+            "frozen_ms": self.frozen_ms,
         }
 
 
@@ -73,8 +79,13 @@ class Backend(Protocol):
 
     async def list_snapshots(self) -> list[SnapshotInfo]: ...
 
-    async def release(self, origin: str, snap: str, offset: int, length: int) -> None:
-        """Free store space of a range the backup reader has copied; it then reads as EIO."""
+    async def release(
+        self, origin: str, snap: str, offset: int, length: int
+    ) -> tuple[int, int]:
+        """Free store space of a range the backup reader has copied; it then reads as EIO.
+
+        Only whole blocks are freed: returns the (offset, length) released, and raises
+        :class:`~snapimg.errors.UsageError` for a range that covers no whole block."""
         ...
 
     async def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:

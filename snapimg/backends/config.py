@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from snapimg.nbd.uri import unix_uri
+
 Durability = Literal["default", "strict"]
 
 
@@ -25,5 +27,5 @@ class ServeConfig:
     tls_key: Path | None = None
 
     def uri(self, export: str) -> str:
-        """The NBD URI of ``export`` on the unix socket."""
-        return f"nbd+unix:///{export}?socket={self.socket}"
+        """The NBD URI of ``export`` on the unix socket, percent-encoded."""
+        return unix_uri(export, self.socket)

@@ -14,8 +14,10 @@ from snapimg.backends.base import ExportInfo, OnFull, SnapshotInfo
 from snapimg.backends.config import ServeConfig
 from snapimg.engine import Engine
 from snapimg.errors import SnapshotError, UsageError
+from snapimg.names import check_snapshot_name
 from snapimg.nbd.exports import ExportTable
 from snapimg.nbd.server import NbdServer
+from snapimg.units import check_bytes, check_max_size, format_size
 
 
 def tls_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -70,8 +72,9 @@ class NativeBackend:
         self, origin: str, snap: str, *, max_size: int | None, writable: bool, on_full: OnFull
     ) -> SnapshotInfo:
         self._check_origin(origin)
-        if not snap or "@" in snap or "/" in snap:
-            raise UsageError(f"bad snapshot name {snap!r}: must be non-empty, without '@' or '/'")
+        check_snapshot_name(snap)
+        if max_size is not None:
+            check_max_size(max_size, self.engine.block_size)
         if f"{origin}@{snap}" in self.table:
             raise SnapshotError(f"snapshot {origin}@{snap} exists")
         info = await asyncio.to_thread(
@@ -93,12 +96,29 @@ class NativeBackend:
     async def list_snapshots(self) -> list[SnapshotInfo]:
         return await asyncio.to_thread(self.engine.snapshots)
 
-    async def release(self, origin: str, snap: str, offset: int, length: int) -> None:
+    async def release(
+        self, origin: str, snap: str, offset: int, length: int
+    ) -> tuple[int, int]:
         self._check_origin(origin)
         export = self.table.get(f"{origin}@{snap}")
         if export is None:
             raise SnapshotError(f"unknown snapshot {origin}@{snap}")
+        check_bytes(offset, "offset")
+        check_bytes(length, "length")
+        size, bs = export.device.size, self.engine.block_size
+        if offset + length > size:
+            raise UsageError(
+                f"range {offset}+{length} runs past the end of {origin}@{snap} ({size} bytes)"
+            )
+        start = -(-offset // bs) * bs
+        end = size if offset + length == size else (offset + length) // bs * bs
+        if end <= start:
+            raise UsageError(
+                f"range {offset}+{length} covers no whole block of {format_size(bs)}: "
+                "nothing released (release frees whole blocks only)"
+            )
         await asyncio.to_thread(export.device.trim, offset, length)
+        return start, end - start
 
     async def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:
         self._check_origin(origin)

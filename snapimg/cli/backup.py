@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from snapimg.cli import quiesce
 from snapimg.cli.attach import default_store_dir
 from snapimg.errors import SnapimgError, UsageError
 from snapimg.units import format_size
@@ -37,6 +38,7 @@ def register(sub: Any) -> None:
     b.add_argument("--keep", metavar="NAME@SNAP",
                    help="name the new snapshot and keep it (for a later --since)")
     b.add_argument("--json", action="store_true", help="print a JSON summary")
+    quiesce.add_arguments(b, libvirt=False)  # --quiesce with --libvirt: through libvirt
     b.set_defaults(func=_backup)
 
     r: argparse.ArgumentParser = sub.add_parser(
@@ -95,6 +97,8 @@ def _backup(args: argparse.Namespace) -> int:
         source = QmpSource(args.qmp, args.device, default_store_dir().absolute())
     else:
         source = ControlSource(args.control)
+    quiesced = quiesce.wrap_source(source, args)  # None without --quiesce
+    source = quiesced or source
     for sig in (signal.SIGINT, signal.SIGTERM):  # unwind: drop the snapshot, remove temp files
         signal.signal(sig, _terminate)
     try:
@@ -106,8 +110,9 @@ def _backup(args: argparse.Namespace) -> int:
         raise
     if result.notice:
         print(f"snapimg backup: notice: {result.notice}", file=sys.stderr)
+    summary = result.to_json() | (quiesced.summary() if quiesced else {})
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(summary, indent=2))
         return 0
     rec = result.record
     what = "full" if rec.parent is None else f"incremental over {rec.parent}"
@@ -116,7 +121,8 @@ def _backup(args: argparse.Namespace) -> int:
           f"read {format_size(c.bytes_read)}, wrote {format_size(rec.bytes_written)}, "
           f"skipped {format_size(c.bytes_skipped)} of holes, {result.to_json()['mib_per_s']} "
           f"MiB/s, sha256 {rec.sha256}"
-          + ("" if not rec.snapshot_kept else f"; snapshot {rec.snapshot} kept"))
+          + ("" if not rec.snapshot_kept else f"; snapshot {rec.snapshot} kept")
+          + (f"; quiesced, frozen {summary['frozen_ms']} ms" if args.quiesce else ""))
     sys.stdout.flush()
     return 0
 

@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from snapimg.cli.common import add_size
 from snapimg.errors import SnapimgError
 from snapimg.units import parse_size
 
@@ -40,7 +41,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("a", metavar="A", help="image path or nbd:// URI")
     p.add_argument("b", metavar="B", help="image path or nbd:// URI")
-    p.add_argument("--block-size", default="64K", help="granularity of ranges (default 64K)")
+    add_size(p, "--block-size", "granularity of ranges, a power of two from 4K to 1M",
+             example="64K", default="64K")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_diff)
 
@@ -136,7 +138,7 @@ def _run_diff(args: argparse.Namespace) -> int:
     from snapimg.inspect.report import format_table, size_cell
     from snapimg.inspect.target import open_target
     from snapimg.progress import Progress
-    from snapimg.units import check_block_size, format_size
+    from snapimg.units import check_block_size, count, format_size
 
     bs = parse_size(args.block_size, "block size")
     check_block_size(bs)
@@ -157,8 +159,9 @@ def _run_diff(args: argparse.Namespace) -> int:
             f"; sizes differ: {result.size_a} and {result.size_b} bytes"
         )
         print(
-            f"{result.changed_blocks} changed blocks of {format_size(bs)} in "
-            f"{len(result.ranges)} ranges, {result.changed_bytes} bytes{sizes}"
+            f"{count(result.changed_blocks, 'changed block')} of {format_size(bs)} in "
+            f"{count(len(result.ranges), 'range')}, {count(result.changed_bytes, 'byte')}"
+            f"{sizes}"
         )
     return 0 if result.identical else 1
 

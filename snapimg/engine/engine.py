@@ -26,6 +26,7 @@ from snapimg.engine.state import StoreState
 from snapimg.engine.store import Fault, RamStore, Store
 from snapimg.engine.table import MAX_GEN
 from snapimg.errors import SnapshotError, StoreError, UsageError
+from snapimg.names import check_snapshot_name
 from snapimg.units import check_block_size
 
 Durability = Literal["default", "strict"]
@@ -120,8 +121,7 @@ class Engine:
         on_full: OnFull = "invalidate",
     ) -> SnapshotInfo:
         o = self._origin(origin)
-        if not snap or len(snap.encode()) > 200 or "@" in snap or not snap.isprintable():
-            raise UsageError(f"bad snapshot name {snap!r}: 1-200 printable characters, no '@'")
+        check_snapshot_name(snap)
         if on_full not in ON_FULL_CHOICES:
             raise UsageError(f"bad on_full {on_full!r}: expected one of {ON_FULL_CHOICES}")
         if max_size is not None and max_size < 0:

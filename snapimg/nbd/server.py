@@ -28,6 +28,7 @@ from snapimg.nbd.handshake import Session, negotiate
 from snapimg.nbd.requests import Context
 from snapimg.nbd.threaded import ThreadedTransmission
 from snapimg.nbd.transmission import Transmission
+from snapimg.sockpath import prepare_unix_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -189,21 +190,3 @@ class NbdServer:
                 path.unlink()
         self.executor.shutdown(wait=True)
 
-
-def prepare_unix_socket_path(path: Path) -> None:
-    """Refuse a socket path another process listens on; remove a stale one."""
-    if not path.exists() and not path.is_symlink():
-        if not path.parent.is_dir():
-            raise UsageError(f"cannot create socket {path}: no such directory {path.parent}")
-        return
-    if not path.is_socket():
-        raise UsageError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()  # nobody listens: a leftover of a killed server
-    else:
-        raise UsageError(f"socket {path} is in use by another server")
-    finally:
-        probe.close()

@@ -11,6 +11,19 @@ import time
 from pathlib import Path
 
 SNAPIMG = [sys.executable, "-m", "snapimg.cli.main"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bin_dir_for_any_user() -> Path | None:
+    """A ``bin`` directory with ``python`` and ``snapimg`` that every user may run: this
+    interpreter's, or else the repository's ``.venv`` (tox keeps its envs mode 0700)."""
+    for candidate in (Path(sys.executable).parent, ROOT / ".venv" / "bin"):
+        snapimg = candidate / "snapimg"
+        if snapimg.exists() and all(
+            p.stat().st_mode & 0o005 == 0o005 for p in [snapimg, *snapimg.parents]
+        ):
+            return candidate
+    return None
 
 
 def snapimg(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -96,7 +96,7 @@ def test_qemu_system_writes_through_engine(tmp_path: Path, serve: Callable[..., 
     assert data[512 << 10 : 1536 << 10] == b"\x32" * MiB
     assert data[8 * MiB : 8 * MiB + 65536] == bytes(65536)
     qemu_io(s.uri("guest@t1"), "read -P 0x21 0 1M", "read -P 0x10 1M 15M", read_only=True)
-    assert s.stop() == 0
+    assert s.stop() == 143  # SIGTERM: clean shutdown, status 128 + 15
 
 
 def _free_port() -> int:
@@ -137,4 +137,4 @@ def test_qemu_tls_client(tmp_path: Path, serve: Callable[..., Serve]) -> None:
     plain = run("qemu-img", "info", f"nbd://127.0.0.1:{port}/tls", check=False)
     assert plain.returncode != 0 and "TLS" in plain.stderr, plain.stderr
     qemu_io(s.uri("tls"), "read -P 0x5a 0 64k")
-    assert s.stop() == 0
+    assert s.stop() == 143  # SIGTERM: clean shutdown, status 128 + 15

@@ -73,7 +73,7 @@ def test_lifecycle_restart_and_sockets(
     assert info["preserved_bytes"] >= 3 * MiB and info["writable"] is False
     table = snapimg("snapshot", "list", "--control", s.control).stdout
     assert "disk@before" in table and "valid" in table
-    assert s.stop() == 0
+    assert s.stop() == 143  # SIGTERM: clean shutdown, status 128 + 15
     assert not s.pid_file.exists() and not s.socket.exists() and not s.control.exists()
 
     # Restart: the snapshot comes back from the store with its content.
@@ -94,7 +94,7 @@ def test_lifecycle_restart_and_sockets(
     idle.connect_uri(s2.uri("disk"))
     assert idle.pread(4, 1 * MiB) == b"\x22" * 4
     s2.proc.send_signal(signal.SIGINT)
-    assert s2.proc.wait(60) == 0
+    assert s2.proc.wait(60) == 130  # SIGINT: clean shutdown, status 128 + 2
     del idle
 
 
@@ -146,7 +146,7 @@ def test_cli_mistakes(tmp_path: Path, serve: Callable[..., Serve]) -> None:
     )
     assert not (tmp_path / "st2").exists()  # refused before anything was created
     qemu_io(s.uri("a@s"), "read -P 0x11 0 4M", read_only=True)
-    assert s.stop() == 0
+    assert s.stop() == 143  # SIGTERM: clean shutdown, status 128 + 15
 
 
 def test_release_frees_space_and_reads_fail(tmp_path: Path, serve: Callable[..., Serve]) -> None:
@@ -186,7 +186,7 @@ def test_release_frees_space_and_reads_fail(tmp_path: Path, serve: Callable[...,
         check=False,
     )
     assert proc.returncode != 0  # never wrong data: the copy fails
-    assert s.stop() == 0
+    assert s.stop() == 143  # SIGTERM: clean shutdown, status 128 + 15
 
 
 def _store_usage(store: Path) -> int:
@@ -232,4 +232,4 @@ def test_store_limits(tmp_path: Path, serve: Callable[..., Serve], policy: str) 
         h.pwrite(b"x" * 4096, 0)
     assert exc.value.args[1] == errno.EPERM
     h.shutdown()
-    assert s.stop() == 0
+    assert s.stop() == 143  # SIGTERM: clean shutdown, status 128 + 15

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from vmtests import config
+from vmtests.libvirt_driver import Libvirtd
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -39,6 +40,16 @@ def vm_settings(rig_settings: config.Settings) -> config.Settings:
         pytest.skip(f"FreeDOS image not found at {settings.freedos_image} "
                     "(set SNAPIMG_FREEDOS_IMAGE; see docs/vmtests.md)")
     return settings
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[Libvirtd]:
+    """The system libvirtd (started for the test module if none runs, stopped after it)."""
+    daemon = Libvirtd.ensure()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,6 @@ pytestmark = pytest.mark.vm
 # SNAPIMG_LINUX_CONTROLLERS=lsi,ide,ahci,megasas,virtio-scsi widens the matrix.
 CONTROLLERS = [c for c in os.environ.get("SNAPIMG_LINUX_CONTROLLERS", "lsi,ide").split(",") if c]
 DRIVERS = ["qemu", "libvirt"]
-
-
-@pytest.fixture(scope="module")
-def libvirtd() -> Iterator[Libvirtd]:
-    daemon = Libvirtd.ensure()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 def _report(outcome: scenario.Outcome) -> None:

@@ -72,6 +72,7 @@ class BootFiles:
     host_key: HostKey
     client_key: ClientKey
     ssh_port: int
+    agent_socket: Path  # host side of the qemu-guest-agent channel (QEMU driver)
 
     @classmethod
     def make(cls, image: LinuxImage, run_dir: Path, name: str,
@@ -89,7 +90,8 @@ class BootFiles:
         cmdline = image.cmdline
         if module_groups:
             cmdline += " snapimg.load=" + ",".join(module_groups)
-        return cls(image.kernel, initrd, cmdline, host_key, client_key, free_port())
+        return cls(image.kernel, initrd, cmdline, host_key, client_key, free_port(),
+                   run_dir / f"{name}-qga.sock")
 
     def netdev(self) -> str:
         return f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
@@ -100,7 +102,14 @@ class BootFiles:
                 "-append", self.cmdline, "-no-reboot",
                 "-netdev", self.netdev(), "-device", "virtio-net-pci,netdev=net0",
                 # entropy: dropbear waits for the kernel CRNG, which is slow to seed under TCG
-                "-device", "virtio-rng-pci"]
+                "-device", "virtio-rng-pci", *self.agent_args()]
+
+    def agent_args(self) -> list[str]:
+        """The guest agent's channel: a virtio-serial port named org.qemu.guest_agent.0 whose
+        host side is the unix socket ``agent_socket`` (what ``snapimg ... --qga`` takes)."""
+        return ["-chardev", f"socket,path={self.agent_socket},server=on,wait=off,id=qga0",
+                "-device", "virtio-serial-pci,id=vser0",
+                "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
 
 
 class GuestVm(Protocol):

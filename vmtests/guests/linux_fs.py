@@ -82,6 +82,19 @@ echo "== files"
 for f in data/*; do [ -e "$f" ] && sha256sum "$f"; done
 """
 
+# A quiesced snapshot in the backup VM: the device is made read-only in the kernel first, so
+# neither e2fsck -n nor the ro mount can replay a journal (ext4 refuses to mount a filesystem
+# that needs recovery from a read-only device); the listing is MOUNT_AND_LIST's.
+READ_ONLY_FSCK = FIND_DISK + """
+dev=$(find_disk)
+blockdev --setro "$dev"
+[ "$(blockdev --getro "$dev")" = 1 ] || { echo "cannot make $dev read-only" >&2; exit 99; }
+e2fsck -fn "$dev"
+"""
+READ_ONLY_MOUNT_AND_LIST = MOUNT_AND_LIST.replace(
+    'mount -t ext4 "$dev"', '[ "$(blockdev --getro "$dev")" = 1 ] || exit 99\n'
+    'mount -t ext4 -o ro "$dev"')
+
 E2FSCK_UNCORRECTED = 4  # exit status bit: errors left uncorrected (8 and up: fsck failed)
 
 

@@ -64,14 +64,17 @@ def make_origin(path: Path, mib: int = ORIGIN_MIB) -> None:
                    check=True, capture_output=True, timeout=60)
 
 
-def qemu_factory(settings: Settings, controller: Controller, log_dir: Path) -> VmFactory:
+def qemu_factory(settings: Settings, controller: Controller, log_dir: Path,
+                 extra_args: Callable[[str], list[str]] | None = None) -> VmFactory:
+    """``extra_args(vm name)``: more QEMU arguments for that VM."""
     def make(name: str, disk: Disk, boot: BootFiles) -> GuestVm:
         if isinstance(disk, NbdDisk):
             spec = DiskSpec.nbd_unix("disk0", disk.socket, disk.export)
         else:
             spec = DiskSpec.raw_file("disk0", disk.path)
         machine = Machine(name=name, settings=settings, log_dir=log_dir, controller=controller,
-                          disks=[spec], extra_args=boot.qemu_args(), memory_mb=MEMORY_MB)
+                          disks=[spec], memory_mb=MEMORY_MB,
+                          extra_args=boot.qemu_args() + (extra_args(name) if extra_args else []))
         return QemuVm(machine)
     return make
 

@@ -18,9 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
-import socket as socket_
-import stat
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,8 +30,11 @@ from snapimg.backends.qsd.allocation import copied_ranges
 from snapimg.backends.qsd.daemon import Daemon
 from snapimg.backends.qsd.graph import COPY_GRANULARITY, OriginNodes, SnapshotNodes
 from snapimg.errors import QemuError, SnapshotError, UsageError
+from snapimg.names import check_snapshot_name
+from snapimg.nbd.uri import unix_uri
+from snapimg.sockpath import prepare_unix_socket_path
+from snapimg.units import check_max_size
 
-SNAP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 WATCH_INTERVAL = 0.2
 LOST_REASON = "qemu-storage-daemon stopped: qsd snapshots do not survive a restart"
 
@@ -63,7 +63,7 @@ class QsdBackend:
 
     # ---- helpers -------------------------------------------------------------------
     def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.socket}"
+        return unix_uri(export, self.socket)
 
     def _key(self, prefix: str) -> str:
         self._next_key += 1
@@ -141,12 +141,11 @@ class QsdBackend:
         self, origin: str, snap: str, *, max_size: int | None, writable: bool, on_full: OnFull
     ) -> SnapshotInfo:
         onode = self._origin(origin)
-        if not SNAP_NAME.match(snap):
-            raise UsageError(f"bad snapshot name {snap!r}: use letters, digits, '.', '_', '+', '-'")
+        check_snapshot_name(snap)
         if writable:
             raise UsageError("writable snapshots are not supported by the qsd backend")
-        if max_size is not None and max_size < self.cluster_size:
-            raise UsageError(f"max size {max_size} is below one block ({self.cluster_size} bytes)")
+        if max_size is not None:
+            check_max_size(max_size, self.cluster_size)
         async with self._lock:
             self._check_alive()
             if (origin, snap) in self._snaps:
@@ -156,7 +155,9 @@ class QsdBackend:
             await graph.create_qcow2(target, size, self.cluster_size)
             limit = None
             if max_size is not None and on_full == "block-writes":
-                limit = _qcow2_limit(os.stat(target).st_size, size, max_size, self.cluster_size)
+                # more than the image size can never be preserved: that caps the window
+                data = min(max_size, size)
+                limit = _qcow2_limit(os.stat(target).st_size, size, data, self.cluster_size)
                 os.truncate(target, limit)
             base = target.stat().st_blocks * 512
             nodes = SnapshotNodes(self._key("s"), f"{origin}@{snap}", target, limit, base)
@@ -192,7 +193,9 @@ class QsdBackend:
             await self._refresh()
             return [s.info for s in self._snaps.values()]
 
-    async def release(self, origin: str, snap: str, offset: int, length: int) -> None:
+    async def release(
+        self, origin: str, snap: str, offset: int, length: int
+    ) -> tuple[int, int]:
         self._snap(origin, snap)
         raise SnapshotError(
             "release is not supported by the qsd backend (a discarded cluster of the qcow2 "
@@ -314,23 +317,6 @@ def _qcow2_limit(initial: int, size: int, max_size: int, cluster: int) -> int:
     return total + extra_refblocks * cluster
 
 
-def _remove_stale_socket(path: Path) -> None:
-    """Remove a socket left by a server that was killed; refuse one that still answers."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise UsageError(f"{path} exists and is not a socket")
-    with socket_.socket(socket_.AF_UNIX, socket_.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            path.unlink()
-            return
-        except OSError:
-            pass
-    raise UsageError(f"socket {path} is in use (is another server running?)")
-
-
 async def start(config: ServeConfig) -> QsdBackend:
     """Start qemu-storage-daemon serving ``config.origins`` on the NBD unix socket.
 
@@ -343,7 +329,7 @@ async def start(config: ServeConfig) -> QsdBackend:
         if not path.exists():
             raise UsageError(f"origin {name}: {path} does not exist")
     config.store_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_socket(config.socket)
+    prepare_unix_socket_path(config.socket)
     daemon = await Daemon.start()
     backend = QsdBackend(daemon, config.socket, config.store_dir, config.block_size)
     try:

@@ -118,8 +118,11 @@ async def add_origin(qmp: Qmp, origin: OriginNodes) -> None:
     """Open the raw image and export it read-write as ``origin.name``."""
     added: list[str] = []
     try:
+        # locking off: snapimg itself holds QEMU's locks on the image (snapimg.imagelock),
+        # not sharing write as a VM does; QEMU's own NBD export would share it.
         await qmp.execute("blockdev-add", {
             "driver": "file", "node-name": origin.file, "filename": str(origin.path),
+            "locking": "off",
         })
         added.append(origin.file)
         await qmp.execute("blockdev-add", _raw_opts(origin.fmt, origin.file))
