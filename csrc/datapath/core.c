@@ -237,6 +237,13 @@ static PyObject *Core_set_store(Core *c, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *Core_note_pending(Core *c, PyObject *unused)
+{
+    (void)unused;
+    atomic_store(&c->pending, 1);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Core_close(Core *c, PyObject *unused)
 {
     (void)unused;
@@ -329,6 +336,8 @@ static PyMethodDef Core_methods[] = {
     {"set_store", (PyCFunction)Core_set_store, METH_VARARGS,
      "set_store(data_fd, meta_fd): the store files (-1: store I/O through Python)"},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "refuse I/O from now on"},
+    {"note_pending", (PyCFunction)Core_note_pending, METH_NOARGS,
+     "the store freed slots: the next origin write gives their space back"},
     {"copy", (PyCFunction)Core_copy, METH_VARARGS,
      "copy(origin, block, [(slot, count)]): copy origin blocks into store slots"},
     {"stats", (PyCFunction)Core_stats, METH_NOARGS, "how block runs were copied"},

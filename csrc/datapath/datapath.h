@@ -84,6 +84,7 @@ typedef struct {
     uint32_t block_size;
     unsigned block_shift;
     _Atomic int closed;
+    _Atomic int pending; /* the store has freed slots waiting for Python's reclaim */
     _Atomic int data_fd; /* store data file; -1: store I/O goes through Python */
     _Atomic int meta_fd;
     PyObject *sync_store; /* Python: the store sync (fault hooks, RAM store) */

@@ -250,9 +250,8 @@ static int may_need_copy(Table *t, uint64_t b0, uint64_t b1)
     return 0;
 }
 
-/* Barrier held: copy what live snapshots need of [off, +len) (Python decides).
- * *reclaim: the store then wants freed space given back (outside the barrier). */
-static int preserve(Device *d, OpCtx *ctx, uint64_t off, uint64_t len, int *reclaim)
+/* Barrier held: copy what live snapshots need of [off, +len) (Python decides). */
+static int preserve(Device *d, OpCtx *ctx, uint64_t off, uint64_t len)
 {
     unsigned shift = d->core->block_shift;
     uint64_t b0 = off >> shift, b1 = ((off + len - 1) >> shift) + 1;
@@ -261,15 +260,17 @@ static int preserve(Device *d, OpCtx *ctx, uint64_t off, uint64_t len, int *recl
     gil_take(ctx);
     PyObject *res = call_slow(d, ctx, "preserve", "(KK)", (unsigned long long)b0,
                               (unsigned long long)b1);
-    if (res)
-        *reclaim = PyObject_IsTrue(res) > 0;
     Py_XDECREF(res);
     gil_drop(ctx);
     return res ? 0 : -1;
 }
 
+/* After a write, outside the barrier: give freed store space back if the store
+ * freed slots (as the reference does after every origin write). */
 static void reclaim(Device *d, OpCtx *ctx)
 {
+    if (!atomic_exchange(&d->core->pending, 0))
+        return;
     OpCtx quiet = *ctx; /* a failure here is the store's to report, not this request's */
     quiet.raise = 0;
     quiet.describe = NULL;
@@ -287,19 +288,18 @@ static int origin_write(Device *d, OpCtx *ctx, uint64_t off, uint32_t len, const
     if (!len)
         return 0;
     Core *c = d->core;
-    int rc = 0, want_reclaim = 0, err;
+    int rc = 0, err;
     barrier_acquire_shared(c->barrier);
     if (atomic_load(&c->closed))
         rc = fail_closed(ctx);
-    else if (preserve(d, ctx, off, len, &want_reclaim))
+    else if (preserve(d, ctx, off, len))
         rc = -1;
     else if ((err = pwrite_all(d->o->fd, buf, len, off)))
         rc = fail_errno(ctx, err);
     else if (fua && !(rc = sync_store(d, ctx)) && fdatasync(d->o->fd))
         rc = fail_errno(ctx, errno);
     barrier_release_shared(c->barrier);
-    if (want_reclaim)
-        reclaim(d, ctx);
+    reclaim(d, ctx);
     return rc;
 }
 
@@ -310,19 +310,18 @@ static int origin_zero(Device *d, OpCtx *ctx, uint64_t off, uint64_t len, int fu
     if (!len)
         return 0;
     Core *c = d->core;
-    int rc = 0, want_reclaim = 0, err;
+    int rc = 0, err;
     barrier_acquire_shared(c->barrier);
     if (atomic_load(&c->closed))
         rc = fail_closed(ctx);
-    else if (preserve(d, ctx, off, len, &want_reclaim))
+    else if (preserve(d, ctx, off, len))
         rc = -1;
     else if ((err = write_zeroes_fd(d->o, off, len, punch)))
         rc = fail_errno(ctx, err);
     else if (fua && !(rc = sync_store(d, ctx)) && fdatasync(d->o->fd))
         rc = fail_errno(ctx, errno);
     barrier_release_shared(c->barrier);
-    if (want_reclaim)
-        reclaim(d, ctx);
+    reclaim(d, ctx);
     return rc;
 }
 

@@ -105,13 +105,14 @@ class OriginSlowPath:
         self.dp = dp
         self.o = o
 
-    def preserve(self, b0: int, b1: int) -> bool:
+    def preserve(self, b0: int, b1: int) -> None:
         """Copy what live snapshots need of blocks [b0, b1) (the barrier is held shared
-        by the C caller); True: freed store space waits to be given back."""
+        by the C caller)."""
         self.dp.preserve(self.o, b0, b1)
-        return bool(self.dp.store.pending)
 
     def reclaim(self) -> None:
+        """Give freed store space back (C calls it after a write, outside the barrier,
+        when the store said slots were freed: ``Store.on_pending``)."""
         self.dp.store.reclaim()
 
 
@@ -158,6 +159,7 @@ class CompiledDataPath(DataPath):
                 reflink=reflink and self._same_filesystem(o),
             )
         self._bind_store()
+        store.on_pending = self.core.note_pending
         if isinstance(store, FileStore):
             store.on_reopen = self._bind_store  # the log file is replaced at checkpoints
 

@@ -193,15 +193,18 @@ class DataPath:
         if not length:
             return
         bs = self.block_size
-        with self.barrier.shared():
-            self.check_io()
-            if o.index.live:
-                self.preserve(o, offset // bs, (offset + length - 1) // bs + 1)
-            o.file.write_zeroes(offset, length, punch)
-            if fua:
-                self.sync_store()
-                o.file.datasync()
-        self.store.reclaim()
+        try:
+            with self.barrier.shared():
+                self.check_io()
+                if o.index.live:
+                    self.preserve(o, offset // bs, (offset + length - 1) // bs + 1)
+                o.file.write_zeroes(offset, length, punch)
+                if fua:
+                    self.sync_store()
+                    o.file.datasync()
+        finally:
+            if self.store.pending:
+                self.store.reclaim()
 
     def origin_flush(self, o: OpenOrigin) -> None:
         self.check_io()
@@ -378,21 +381,23 @@ class DataPath:
         bs = self.block_size
         view = memoryview(data)
         lock = self._snap_locks.setdefault((o.name, s.gen), threading.Lock())
-        with self.barrier.shared(), lock:
-            self.check_io()
-            self.check_valid(s)
-            b0, b1 = offset // bs, (offset + n - 1) // bs + 1
-            if s.released and s.released.overlaps(b0, b1):
-                raise ReleasedRangeError(f"snapshot {s.origin}@{s.name}: range was released")
-            pos = 0
-            for b in range(b0, b1):
-                lo = max(offset, b * bs)
-                hi = min(offset + n, (b + 1) * bs)
-                self._snap_write_block(o, s, b, lo - b * bs, view[pos : pos + hi - lo])
-                pos += hi - lo
-            if fua:
-                self.sync_store()
-        self.store.reclaim()
+        try:
+            with self.barrier.shared(), lock:
+                self.check_io()
+                self.check_valid(s)
+                b0, b1 = offset // bs, (offset + n - 1) // bs + 1
+                if s.released and s.released.overlaps(b0, b1):
+                    raise ReleasedRangeError(f"snapshot {s.origin}@{s.name}: range was released")
+                pos = 0
+                for b in range(b0, b1):
+                    lo = max(offset, b * bs)
+                    hi = min(offset + n, (b + 1) * bs)
+                    self._snap_write_block(o, s, b, lo - b * bs, view[pos : pos + hi - lo])
+                    pos += hi - lo
+                if fua:
+                    self.sync_store()
+        finally:  # blocks written before a failure may have freed shared copies
+            self.store.reclaim()
 
     def _snap_write_block(
         self, o: OpenOrigin, s: SnapshotState, b: int, within: int, piece: memoryview

@@ -163,6 +163,7 @@ class Store:
         self.pending: list[tuple[int, int]] = []  # freed runs not yet reclaimed
         self._append_lock = threading.Lock()
         self._slot_lock = threading.Lock()
+        self.on_pending: Callable[[], None] | None = None  # freed slots wait for reclaim
 
     def alloc(self, n: int) -> list[tuple[int, int]]:
         with self._slot_lock:
@@ -178,6 +179,8 @@ class Store:
         if runs:
             with self._slot_lock:
                 self.pending.extend(runs)
+            if self.on_pending is not None:
+                self.on_pending()
 
     def wants_checkpoint(self) -> bool:
         """True when the log has grown enough to be worth compacting now."""

@@ -12,6 +12,7 @@ and the same bytes in every slot those records use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -30,7 +31,7 @@ from tests.interop.serving import Serve
 BS = 4096
 SIZE = 96 * BS + 700  # the last block is partial
 CONNECTIONS = 3
-STEPS = 300
+STEPS = 400
 
 pytestmark = pytest.mark.skipif(
     not compiled.available(), reason="the C extension snapimg._datapath is not built"
@@ -77,12 +78,13 @@ class Side:
 
     def forget(self, export: str) -> None:
         for h in self.conns.pop(export, []):
-            h.close()
+            with contextlib.suppress(nbd.Error):  # the server may have cut it already
+                h.shutdown()
 
     def close(self) -> None:
         for export in list(self.conns):
             self.forget(export)
-        assert self.serve.stop() == 0
+        assert self.serve.stop() == 143  # SIGTERM: clean shutdown, status 128 + 15
 
 
 def outcome(fn: object) -> tuple[str, object]:
@@ -189,11 +191,29 @@ class Differential:
             assert got == ("ok", bytes(snap.data[off : off + length])), name
 
     def block_status(self) -> None:
+        """Both servers describe the range truthfully: extents in order from its start,
+        never past its end, and whatever they call zero reads as zero.  (They may
+        legitimately differ: where the origin file has unwritten extents, ext4's
+        SEEK_DATA answers from the page cache, which each path fills differently.)"""
         name = self.rnd.choice(["disk", *self.snaps])
         off, length = self.span()
         i = self.rnd.randrange(CONNECTIONS)
         got = [outcome(lambda s=s: extents(s.handle(name, i), length, off)) for s in self.sides]
-        assert got[0] == got[1], (name, off, length, got)
+        assert got[0][0] == got[1][0], (name, off, length, got)
+        if got[0][0] != "ok" or (name != "disk" and not self.snaps[name].valid):
+            return
+        content = self.origin if name == "disk" else self.snaps[name].data
+        released = set() if name == "disk" else self.snaps[name].released
+        for _, entries in got:
+            assert isinstance(entries, list) and entries
+            pos = off
+            for n, flags in zip(entries[::2], entries[1::2], strict=True):
+                assert n > 0 and pos + n <= off + length, (name, off, length, entries)
+                if flags & 2:  # NBD_STATE_ZERO: reads as zero (released blocks read EIO)
+                    for b in blocks_of(pos, n) - released:
+                        lo, hi = max(pos, b * BS), min(pos + n, (b + 1) * BS)
+                        assert content[lo:hi] == bytes(hi - lo), (name, lo, entries)
+                pos += n
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -270,7 +290,9 @@ def store_state(store: Path) -> tuple[list[object], dict[int, bytes]]:
     slots: dict[int, bytes] = {}
     for rec in loaded.checkpoint + loaded.tail:
         fields = {
-            k: v for k, v in vars(rec).items() if k not in ("created", "time", "invalid_time")
+            k: v
+            for k, v in vars(rec).items()
+            if k not in ("created", "time", "invalid_time", "fingerprint")  # differ by nature
         }
         if "reason" in fields:
             fields["reason"] = str(fields["reason"]).split(" (at ")[0]
@@ -282,7 +304,7 @@ def store_state(store: Path) -> tuple[list[object], dict[int, bytes]]:
     return records, slots
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_same_streams_same_results(tmp_path: Path, seed: int) -> None:
     d = Differential(tmp_path, seed)
     try:
