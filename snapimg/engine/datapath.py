@@ -39,11 +39,17 @@ from snapimg.errors import (
     SnapshotInvalidError,
     StoreError,
 )
+from snapimg.units import format_size
 
 if TYPE_CHECKING:
     from snapimg._datapath import Device
 
 STATUS_BLOCKS = 1 << 16  # blocks one snapshot block_status call looks at, at most
+
+
+def limit_text(s: SnapshotState) -> str:
+    """A snapshot's own store limit, for the messages that name it."""
+    return f"--max-size {format_size(s.max_size or 0)}"
 
 
 def store_error(err: OSError) -> DeviceError:
@@ -271,10 +277,10 @@ class DataPath:
                 over.append(s)
         if any(s.on_full == "block-writes" for s in over):
             self.store.free_runs(extents)
-            names = ", ".join(f"{s.origin}@{s.name}" for s in over)
+            names = ", ".join(f"{s.origin}@{s.name} ({limit_text(s)})" for s in over)
             raise NoSpaceError(f"snapshot {names} reached its max size (policy block-writes)")
         for s in over:
-            seq = self._invalidate(o, s, "preservation store reached max size")
+            seq = self._invalidate(o, s, f"the snapshot reached its max size ({limit_text(s)})")
         recs: list[R.Record] = []
         pos = 0
         for slot, count in extents:
@@ -419,7 +425,9 @@ class DataPath:
             with self.lock:
                 grows = o.index.lookup(b, s.gen) < 0
                 if limit is not None and s.preserved + grows > limit:
-                    raise NoSpaceError(f"snapshot {s.origin}@{s.name} reached its max size")
+                    raise NoSpaceError(
+                        f"snapshot {s.origin}@{s.name} reached its max size ({limit_text(s)})"
+                    )
                 ((slot, _),) = self.store.alloc(1)
             try:
                 self.store.write_slots(slot, buf)

@@ -27,7 +27,7 @@ from snapimg.engine.store import Fault, RamStore, Store
 from snapimg.engine.table import MAX_GEN
 from snapimg.errors import SnapshotError, StoreError, UsageError
 from snapimg.names import check_snapshot_name
-from snapimg.units import check_block_size
+from snapimg.units import check_block_size, check_max_size
 
 Durability = Literal["default", "strict"]
 
@@ -124,8 +124,8 @@ class Engine:
         check_snapshot_name(snap)
         if on_full not in ON_FULL_CHOICES:
             raise UsageError(f"bad on_full {on_full!r}: expected one of {ON_FULL_CHOICES}")
-        if max_size is not None and max_size < 0:
-            raise UsageError(f"bad max size {max_size}")
+        if max_size is not None:
+            check_max_size(max_size, self.block_size)
         dp = self.dp
         with dp.barrier.exclusive(), dp.lock:
             self._check_open()
