@@ -15,6 +15,7 @@ NBD server can map them onto the NBD error codes without knowing the engine::
      |    +-- SnapshotInvalidError EIO:    the snapshot was invalidated (store full, crash)
      |    +-- ReleasedRangeError   EIO:    a range the backup reader already released
      |    +-- NoSpaceError         ENOSPC: store full under policy block-writes
+     |    +-- StoreStalledError    EIO:    copies not done within --cbw-timeout
      +-- StoreError                the preservation store cannot be opened or written
      |    +-- StoreFormatError     truncated, corrupted or unknown-version store
      |    +-- StoreMismatchError   the store belongs to another origin
@@ -73,6 +74,13 @@ class ReleasedRangeError(DeviceError):
 
 class NoSpaceError(DeviceError):
     errno = _errno.ENOSPC
+
+
+class StoreStalledError(DeviceError):
+    """A write's copies into the store did not complete within the copy-before-write
+    timeout, and the snapshots' policy does not allow the write to go on (EIO)."""
+
+    errno = _errno.EIO
 
 
 class StoreError(SnapimgError):

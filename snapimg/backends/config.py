@@ -25,6 +25,7 @@ class ServeConfig:
     tcp: tuple[str, int] | None = None  # (host, port) to listen on as well
     tls_cert: Path | None = None  # with tls_key: TLS required on every connection
     tls_key: Path | None = None
+    cbw_timeout: float | None = None  # seconds an origin write waits for its copies
 
     def uri(self, export: str) -> str:
         """The NBD URI of ``export`` on the unix socket, percent-encoded."""

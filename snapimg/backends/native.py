@@ -137,6 +137,7 @@ async def start(config: ServeConfig) -> NativeBackend:
         dict(config.origins),
         block_size=config.block_size,
         durability=config.durability,
+        cbw_timeout=config.cbw_timeout,
     )
     backend = NativeBackend(config, engine)
     try:

@@ -73,6 +73,15 @@ def register(sub: Any) -> None:
         help="strict: store writes are synced before the origin write, so snapshots "
         "survive power loss (default: %(default)s)",
     )
+    p.add_argument(
+        "--cbw-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="an origin write waits at most this long for its copies into the store; "
+        "then a snapshot with --on-full invalidate is invalidated (if the store can still "
+        "record that) and the write goes on, else the write fails with EIO and the "
+        "snapshot stays exact (default: no limit; native backend only)",
+    )
     p.add_argument("--pid-file", type=Path, metavar="PATH",
                    help="write the server's pid here once ready (removed at exit)")
     p.add_argument(
@@ -186,6 +195,13 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         _check_dir_for(args.pid_file, "--pid-file")
     if args.socket.absolute() == args.control.absolute():
         raise UsageError("--socket and --control must differ")
+    if args.cbw_timeout is not None:
+        if not 0 < args.cbw_timeout <= 3600:
+            raise UsageError(
+                f"bad --cbw-timeout {args.cbw_timeout:g}: expected 0 < SECONDS <= 3600"
+            )
+        if args.backend != "native":
+            raise UsageError("--cbw-timeout needs the native backend (QEMU's backup job has none)")
     return ServeConfig(
         origins=origins,
         socket=args.socket.absolute(),
@@ -195,6 +211,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         tcp=tcp,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        cbw_timeout=args.cbw_timeout,
     )
 
 

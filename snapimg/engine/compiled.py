@@ -169,9 +169,11 @@ class CompiledDataPath(DataPath):
         return os.fstat(self.store.data_fd).st_dev == os.fstat(o.file.fd).st_dev
 
     def _bind_store(self) -> None:
-        """Store files for C, unless the store has none or faults are injected."""
+        """Store files for C, unless the store has none or faults are injected (the
+        ``fault`` hook given at open: store I/O then goes through Python)."""
         store = self.store
-        if isinstance(store, FileStore) and store.fault is None:
+        self._c_store = isinstance(store, FileStore) and store.fault is None
+        if isinstance(store, FileStore) and self._c_store:
             self.core.set_store(store.data_fd, store.meta_fd)
         else:
             self.core.set_store(-1, -1)
@@ -181,7 +183,7 @@ class CompiledDataPath(DataPath):
         self.core.close()
 
     def copy_blocks(self, o: OpenOrigin, b: int, n: int, extents: list[tuple[int, int]]) -> None:
-        if not isinstance(self.store, FileStore) or self.store.fault is not None:
+        if not self._c_store or self.store.fault is not None:
             super().copy_blocks(o, b, n, extents)
             return
         self.core.copy(self._numbers[o.name], b, extents)

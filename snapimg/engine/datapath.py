@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from snapimg.blockdev import Extent
 from snapimg.engine import records as R
 from snapimg.engine.barrier import Barrier
+from snapimg.engine.bounded import BoundedRunner, Job
 from snapimg.engine.index import OriginIndex, Segment
 from snapimg.engine.origin import Origin
 from snapimg.engine.snapshot import SnapshotState
@@ -38,6 +39,7 @@ from snapimg.errors import (
     ReleasedRangeError,
     SnapshotInvalidError,
     StoreError,
+    StoreStalledError,
 )
 from snapimg.units import format_size
 
@@ -94,6 +96,8 @@ class DataPath:
         self.barrier = barrier
         self.lock = threading.Lock()
         self.closed = False
+        self.cbw_timeout: float | None = None  # seconds a write waits for its copies
+        self.runner = BoundedRunner()
         self._snap_locks: dict[tuple[str, int], threading.Lock] = {}
 
     def close(self) -> None:
@@ -224,18 +228,81 @@ class DataPath:
 
     def preserve(self, o: OpenOrigin, b0: int, b1: int) -> None:
         """Copy what live snapshots need of blocks [b0, b1) before they are overwritten
-        (the barrier held shared)."""
+        (the barrier held shared); with ``cbw_timeout``, within that time or else apply
+        the snapshots' policy (:meth:`_preserve_in_time`)."""
         runs = o.index.plan(b0, b1 - b0)
         if not runs:
             return
+        if self.cbw_timeout is None:
+            self._copy_runs(o, runs, None)
+        else:
+            self._preserve_in_time(o, runs, self.cbw_timeout)
+
+    def _copy_runs(
+        self, o: OpenOrigin, runs: list[tuple[int, int]], job: Job[None] | None
+    ) -> None:
         seq = 0
         for b, n in runs:
-            seq = max(seq, self._copy_run(o, b, n))
+            seq = max(seq, self._copy_run(o, b, n, job))
         if self.strict and seq:
             try:
                 self.store.sync_upto(seq)
             except OSError as err:
                 raise store_error(err) from err
+
+    def _preserve_in_time(self, o: OpenOrigin, runs: list[tuple[int, int]], timeout: float) -> None:
+        """The copies run on a store thread; the writer waits for them, and for what
+        follows, ``timeout`` seconds in all.  Late (after three quarters of it, at most
+        one second before the end): snapshots that need the blocks under
+        ``block-writes`` refuse the write (EIO); otherwise they are invalidated, and the
+        write proceeds only if that is recorded before the deadline (else EIO: the
+        origin was not written, the snapshots stay exact; should the stalled store
+        complete that record later, they turn invalid then, visibly).  A copy that
+        completes after its writer gave up records nothing."""
+        deadline = time.monotonic() + timeout
+        job = self.runner.submit(lambda job: self._copy_runs(o, runs, job))
+        if job is not None and job.wait(timeout - min(timeout / 4, 1.0)):
+            job.result()
+            return
+        if job is not None:
+            job.abandoned = True
+        late = f"copy-before-write into the store did not complete within {timeout:g} s"
+        if not self.lock.acquire(timeout=max(deadline - time.monotonic(), 0.0)):
+            raise StoreStalledError(f"{late}; the store is busy: origin write refused")
+        try:
+            gen = o.index.newest
+            needers = {g: o.index.snaps[g] for b, n in runs for g in o.index.demand(b, n, gen)}
+        finally:
+            self.lock.release()
+        blocking = [s for s in needers.values() if s.on_full == "block-writes"]
+        if blocking:
+            names = ", ".join(f"{s.origin}@{s.name}" for s in blocking)
+            raise StoreStalledError(f"{late} (snapshot {names}: policy block-writes)")
+        reason = f"{late} (--cbw-timeout)"
+
+        def invalidate(job: Job[None]) -> None:
+            with self.lock:
+                if job.abandoned:
+                    return
+                seq = 0
+                for s in needers.values():
+                    if s.valid:
+                        seq = self._invalidate(o, s, reason)
+            if self.strict and seq:
+                self.store.sync_upto(seq)
+
+        record = self.runner.submit(invalidate)
+        if record is None or not record.wait(deadline - time.monotonic()):
+            if record is not None:
+                record.abandoned = True
+            raise StoreStalledError(
+                f"{late}, nor could the store record that the snapshots needing the "
+                "blocks are invalid: origin write refused, the snapshots stay valid"
+            )
+        try:
+            record.result()
+        except OSError as err:
+            raise store_error(err) from err
 
     def copy_blocks(self, o: OpenOrigin, b: int, n: int, extents: list[tuple[int, int]]) -> None:
         """Copy origin blocks [b, b+n) into the slot runs ``extents``; raises OSError."""
@@ -249,7 +316,7 @@ class DataPath:
             self.store.write_slots(slot, view[pos * bs : (pos + count) * bs])
             pos += count
 
-    def _copy_run(self, o: OpenOrigin, b: int, n: int) -> int:
+    def _copy_run(self, o: OpenOrigin, b: int, n: int, job: Job[None] | None) -> int:
         gen = o.index.newest
         with self.lock:
             extents = self.store.alloc(n)
@@ -258,8 +325,13 @@ class DataPath:
         except OSError as err:
             with self.lock:
                 self.store.free_runs(extents)
+                if job is not None and job.abandoned:
+                    return 0
                 return self._store_failed(o, b, n, gen, err)
         with self.lock:
+            if job is not None and job.abandoned:  # its writer gave up and moved on
+                self.store.free_runs(extents)
+                return 0
             return self._install(o, b, n, gen, extents)
 
     def _install(

@@ -55,12 +55,17 @@ class Engine:
         boot_id: str | None = None,
         fault: Fault | None = None,
         datapath: str | None = None,
+        cbw_timeout: float | None = None,
     ) -> Engine:
         """Open ``origins`` ({name: path}) with the store in ``store_dir`` (created if
         missing; None: a RAM store).  ``datapath``: "compiled" or "python" (default:
-        $SNAPIMG_DATAPATH, else compiled where built).  ``boot_id`` overrides the
-        host's boot id and ``fault`` injects store I/O errors (both for tests)."""
+        $SNAPIMG_DATAPATH, else compiled where built).  ``cbw_timeout``: seconds an
+        origin write waits for its copies into the store (None: as long as it takes;
+        docs/library-api.md).  ``boot_id`` overrides the host's boot id and ``fault``
+        injects store I/O errors (both for tests)."""
         check_block_size(block_size)
+        if cbw_timeout is not None and not 0 < cbw_timeout <= 3600:
+            raise UsageError(f"bad cbw timeout {cbw_timeout!r}: expected 0 < seconds <= 3600")
         if durability not in ("default", "strict"):
             raise UsageError(f"bad durability {durability!r}: expected default or strict")
         use_c = compiled.choose(datapath)
@@ -89,6 +94,7 @@ class Engine:
             dp: DataPath = compiled.CompiledDataPath(store, state, opened, strict)
         else:
             dp = DataPath(store, state, opened, strict, Barrier())
+        dp.cbw_timeout = cbw_timeout
         return cls(dp)
 
     # -- lifecycle -------------------------------------------------------------------

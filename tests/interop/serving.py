@@ -36,11 +36,13 @@ def snapimg(*args: str | Path, check: bool = True) -> subprocess.CompletedProces
 class Serve:
     """A running ``snapimg serve``; :meth:`stop` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, workdir: Path, images: list[str], *extra: str) -> None:
+    def __init__(
+        self, workdir: Path, images: list[str], *extra: str, store: Path | None = None
+    ) -> None:
         self.workdir = workdir
         self.socket = workdir / "nbd.sock"
         self.control = workdir / "control.sock"
-        self.store = workdir / "store"
+        self.store = store or workdir / "store"
         self.pid_file = workdir / "serve.pid"
         cmd = [
             *SNAPIMG, "serve", *images,
