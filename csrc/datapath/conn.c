@@ -11,7 +11,11 @@
  * input buffer; large payloads go straight into the worker's own buffer), passes the
  * turn on, executes the request itself and sends its reply under the output lock.
  * So a request never waits for a hand-off, several run at once, and replies go out of
- * order when one is slower than the next.  Request checks and error values are those
+ * order when one is slower than the next.  When nothing else has arrived (a client at
+ * queue depth 1), the worker keeps the turn while it executes a quick request: waking
+ * another worker only to have it wait for the next request would cost more than the
+ * request; it passes the turn on before anything that may block (a large transfer, a
+ * flush or FUA, a callback into Python).  Request checks and error values are those
  * of snapimg/nbd/requests.py.
  */
 #define _GNU_SOURCE
@@ -112,6 +116,7 @@ typedef struct {
 
 typedef struct {
     Conn *conn;
+    int holding; /* this worker has the read turn (in_mu) */
     OpCtx ctx;
     char *buf;
     size_t cap;
@@ -486,6 +491,38 @@ static void execute(Conn *c, Worker *w, const Request *r)
         reply_ok(c, w, r, NULL, 0);
 }
 
+/* Whether more input is waiting (already buffered, or on the socket: then it is
+ * received now, without blocking). */
+static int more_input(Conn *c)
+{
+    if (c->in_end > c->in_start)
+        return 1;
+    if (c->in_start == c->in_end)
+        c->in_start = c->in_end = 0;
+    ssize_t got = recv(c->fd, c->in + c->in_end, c->in_cap - c->in_end, MSG_DONTWAIT);
+    if (got > 0) {
+        c->in_end += (size_t)got;
+        return 1;
+    }
+    return got == 0; /* EOF: let the next reader see it */
+}
+
+/* A request that may take long enough that others should be read meanwhile. */
+static int may_be_slow(const Request *r)
+{
+    return r->type == NBD_CMD_FLUSH || (r->flags & NBD_CMD_FLAG_FUA) ||
+           r->length > (256u << 10);
+}
+
+static void pass_turn(void *arg)
+{
+    Worker *w = arg;
+    if (w->holding) {
+        w->holding = 0;
+        pthread_mutex_unlock(&w->conn->in_mu);
+    }
+}
+
 static void *work(void *arg)
 {
     Worker *w = arg;
@@ -493,17 +530,23 @@ static void *work(void *arg)
     for (;;) {
         Request r;
         int err = 0, got;
-        pthread_mutex_lock(&c->in_mu);
+        if (!w->holding)
+            pthread_mutex_lock(&c->in_mu);
+        w->holding = 1;
         got = atomic_load(&c->done) ? GOT_END : next_request(c, w, &r, &err);
         if (got == GOT_END)
             atomic_store(&c->done, 1); /* the others see it when they get the turn */
-        pthread_mutex_unlock(&c->in_mu);
+        if (got == GOT_END || more_input(c) || may_be_slow(&r))
+            pass_turn(w);
         if (got == GOT_END)
             break;
+        w->ctx.on_block = pass_turn;
+        w->ctx.on_block_arg = w;
         if (got == GOT_ERROR)
             reply_error(c, w, &r, err, err == EINVAL ? "payload over 32 MiB" : "out of memory");
         else
             execute(c, w, &r);
+        w->ctx.on_block = NULL;
         trim_buffer(w);
     }
     if (w->ctx.own_ts) { /* a thread state made for this thread's callbacks */

@@ -121,6 +121,8 @@ typedef struct {
     int own_ts;        /* ts was made for this (C) thread on its first callback */
     int raise;         /* 1: keep Python exceptions for the caller */
     PyObject *describe; /* NBD: exception -> (errno, message) */
+    void (*on_block)(void *); /* called once before the operation may block (conn.c) */
+    void *on_block_arg;
     int err;
     char msg[256];
     PyObject *exc_type, *exc_value, *exc_tb;
@@ -128,6 +130,9 @@ typedef struct {
 } OpCtx;
 
 enum { EXC_OS = 0, EXC_DEVICE, EXC_RANGE, EXC_READ_ONLY };
+
+/* Before a Python callback or an fdatasync: tell the caller, once (device.c). */
+void may_block(OpCtx *ctx);
 
 /* Operations (GIL released; ctx->ts restores it for callbacks).  Return 0 or -1
  * (ctx holds the error).  Reads fill buf (length bytes). */

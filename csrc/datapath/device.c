@@ -59,8 +59,18 @@ static int fail_closed(OpCtx *ctx)
     return fail(ctx, EIO, EXC_DEVICE, "the engine is closed");
 }
 
+void may_block(OpCtx *ctx)
+{
+    void (*fn)(void *) = ctx->on_block;
+    if (fn) {
+        ctx->on_block = NULL;
+        fn(ctx->on_block_arg);
+    }
+}
+
 static void gil_take(OpCtx *ctx)
 {
+    may_block(ctx);
     if (ctx->ts) {
         PyEval_RestoreThread(ctx->ts);
         ctx->ts = NULL;
@@ -214,6 +224,7 @@ static int write_zeroes_fd(COrigin *o, uint64_t off, uint64_t len, int punch)
 /* The store's sync: in C where the store has files, else through Python. */
 static int sync_store(Device *d, OpCtx *ctx)
 {
+    may_block(ctx);
     int err = core_sync_store_fds(d->core);
     if (err > 0)
         return fail(ctx, err, EXC_DEVICE, "preservation store I/O error: %s", strerror(err));
