@@ -147,35 +147,28 @@ def qsd_serve(work: Path, image: Path, cbw: bool) -> Iterator[Uris]:
 
 
 @contextmanager
-def nbdkit_serve(work: Path, image: Path) -> Iterator[Uris]:
+def nbd_server(sock: Path, *cmd: str) -> Iterator[Uris]:
+    """A C NBD server (nbdkit, qemu-nbd) exporting ``disk`` on the unix socket ``sock``."""
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_socket(proc, sock, cmd[0])
+        yield f"nbd+unix:///disk?socket={sock}", ""
+    finally:
+        stop(proc)
+
+
+def nbdkit_serve(work: Path, image: Path) -> AbstractContextManager[Uris]:
     sock = work / "nbdkit.sock"
-    sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        ["nbdkit", "--foreground", "--unix", str(sock), "--exportname", "disk", "file",
-         str(image)],
-        stdout=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_socket(proc, sock, "nbdkit")
-        yield f"nbd+unix:///disk?socket={sock}", ""
-    finally:
-        stop(proc)
+    return nbd_server(sock, "nbdkit", "--foreground", "--unix", str(sock), "--exportname",
+                      "disk", "file", str(image))  # fmt: skip
 
 
-@contextmanager
-def qemu_nbd_serve(work: Path, image: Path) -> Iterator[Uris]:
+def qemu_nbd_serve(work: Path, image: Path) -> AbstractContextManager[Uris]:
     sock = work / "qemu-nbd.sock"
-    sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        ["qemu-nbd", "--format=raw", "--cache=writeback", "--aio=threads", "--shared=4",
-         "--persistent", "--export-name=disk", f"--socket={sock}", str(image)],
-        stdout=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        wait_socket(proc, sock, "qemu-nbd")
-        yield f"nbd+unix:///disk?socket={sock}", ""
-    finally:
-        stop(proc)
+    return nbd_server(sock, "qemu-nbd", "--format=raw", "--cache=writeback", "--aio=threads",
+                      "--shared=4", "--persistent", "--export-name=disk", f"--socket={sock}",
+                      str(image))  # fmt: skip
 
 
 @contextmanager

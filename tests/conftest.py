@@ -52,3 +52,26 @@ def loop_xfs(tmp_path: Path) -> Iterator[Path]:
     finally:
         subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Factory: tmpfs("2M") mounts a tmpfs of that size (root only; skipped otherwise)
+    and returns its directory; every one is unmounted at teardown."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                       check=True)  # fmt: skip
+        mounted.append(mnt)
+        return mnt
+
+    try:
+        yield mount
+    finally:
+        for mnt in mounted:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -26,7 +26,7 @@ int core_sync_store_fds(Core *c)
     return 0;
 }
 
-static int pread_full(int fd, char *buf, size_t len, uint64_t off, size_t *got)
+int file_pread(int fd, char *buf, size_t len, uint64_t off, size_t *got)
 {
     size_t done = 0;
     while (done < len) {
@@ -44,7 +44,7 @@ static int pread_full(int fd, char *buf, size_t len, uint64_t off, size_t *got)
     return 0;
 }
 
-static int pwrite_full(int fd, const char *buf, size_t len, uint64_t off)
+int file_pwrite(int fd, const char *buf, size_t len, uint64_t off)
 {
     while (len) {
         ssize_t n = pwrite(fd, buf, len, (off_t)off);
@@ -73,11 +73,11 @@ static int copy_rw(int ofd, int sfd, uint64_t src, uint64_t dst, uint64_t len)
     int err = 0;
     while (len && !err) {
         size_t want = len < cap ? (size_t)len : cap, got = 0;
-        err = pread_full(ofd, buf, want, src, &got);
+        err = file_pread(ofd, buf, want, src, &got);
         if (err)
             break;
         memset(buf + got, 0, want - got);
-        err = pwrite_full(sfd, buf, want, dst);
+        err = file_pwrite(sfd, buf, want, dst);
         src += want;
         dst += want;
         len -= want;

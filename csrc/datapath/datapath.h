@@ -95,6 +95,10 @@ typedef struct {
 
 extern PyTypeObject CoreType;
 int core_sync_store_fds(Core *c); /* 0 or errno; -1: store I/O is Python's */
+/* pread until len bytes or the file's end (*got); pwrite all of it (0 written: ENOSPC).
+ * Both retry EINTR and return 0 or an errno. */
+int file_pread(int fd, char *buf, size_t len, uint64_t off, size_t *got);
+int file_pwrite(int fd, const char *buf, size_t len, uint64_t off);
 int core_copy_blocks(Core *c, COrigin *o, uint64_t b, const uint64_t *ext, size_t next);
 
 /* -- device.c ------------------------------------------------------------------------ */

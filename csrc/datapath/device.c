@@ -160,42 +160,17 @@ static int slow_op(Device *d, OpCtx *ctx, const char *name, const char *fmt, ...
 
 /* -- file I/O ------------------------------------------------------------------------ */
 
+/* len bytes at off; short (the file's end): zeroes (pad) or EIO. */
 static int pread_all(int fd, char *buf, size_t len, uint64_t off, int pad)
 {
-    while (len) {
-        ssize_t n = pread(fd, buf, len, (off_t)off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (n == 0) {
-            if (!pad)
-                return EIO;
-            memset(buf, 0, len); /* store slots past the data file's end read as zero */
-            return 0;
-        }
-        buf += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return 0;
-}
-
-static int pwrite_all(int fd, const char *buf, size_t len, uint64_t off)
-{
-    while (len) {
-        ssize_t n = pwrite(fd, buf, len, (off_t)off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (n == 0)
-            return ENOSPC;
-        buf += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
+    size_t got = 0;
+    int err = file_pread(fd, buf, len, off, &got);
+    if (err)
+        return err;
+    if (got < len) {
+        if (!pad)
+            return EIO;
+        memset(buf + got, 0, len - got); /* store slots past the data file's end */
     }
     return 0;
 }
@@ -212,7 +187,7 @@ static int write_zeroes_fd(COrigin *o, uint64_t off, uint64_t len, int punch)
     static const char zeros[1 << 16];
     while (len) {
         size_t n = len < sizeof(zeros) ? (size_t)len : sizeof(zeros);
-        int err = pwrite_all(o->fd, zeros, n, off);
+        int err = file_pwrite(o->fd, zeros, n, off);
         if (err)
             return err;
         off += n;
@@ -305,7 +280,7 @@ static int origin_write(Device *d, OpCtx *ctx, uint64_t off, uint32_t len, const
         rc = fail_closed(ctx);
     else if (preserve(d, ctx, off, len))
         rc = -1;
-    else if ((err = pwrite_all(d->o->fd, buf, len, off)))
+    else if ((err = file_pwrite(d->o->fd, buf, len, off)))
         rc = fail_errno(ctx, err);
     else if (fua && !(rc = sync_store(d, ctx)) && fdatasync(d->o->fd))
         rc = fail_errno(ctx, errno);

@@ -12,7 +12,40 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-class Barrier:
+class BarrierContexts:
+    """``shared()`` and ``exclusive()`` context managers over a barrier's
+    ``acquire_*``/``release_*`` methods (this Python barrier, or the compiled one)."""
+
+    def acquire_shared(self) -> None:
+        raise NotImplementedError
+
+    def release_shared(self) -> None:
+        raise NotImplementedError
+
+    def acquire_exclusive(self) -> None:
+        raise NotImplementedError
+
+    def release_exclusive(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
+        try:
+            yield
+        finally:
+            self.release_shared()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        self.acquire_exclusive()
+        try:
+            yield
+        finally:
+            self.release_exclusive()
+
+
+class Barrier(BarrierContexts):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -32,25 +65,15 @@ class Barrier:
             if not self._shared and self._waiting:
                 self._cond.notify_all()
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        self.acquire_shared()
-        try:
-            yield
-        finally:
-            self.release_shared()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def acquire_exclusive(self) -> None:
         with self._lock:
             self._waiting += 1
             while self._exclusive or self._shared:
                 self._cond.wait()
             self._waiting -= 1
             self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._exclusive = False
-                self._cond.notify_all()
+
+    def release_exclusive(self) -> None:
+        with self._lock:
+            self._exclusive = False
+            self._cond.notify_all()

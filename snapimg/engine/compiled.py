@@ -20,12 +20,12 @@ extension is built), or ``python`` (the reference implementation).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from snapimg.blockdev import Extent
+from snapimg.engine.barrier import BarrierContexts
 from snapimg.engine.datapath import DataPath, OpenOrigin
 from snapimg.engine.snapshot import SnapshotState
 from snapimg.engine.state import StoreState
@@ -78,24 +78,11 @@ def name_of(dp: DataPath) -> str:
     return "compiled" if isinstance(dp, CompiledDataPath) else "python"
 
 
-class CompiledBarrier(_datapath.Barrier if _datapath else object):  # type: ignore[misc]
-    """The C barrier, with the context managers of :class:`~snapimg.engine.barrier.Barrier`."""
+_CBarrier = _datapath.Barrier if _datapath else object
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        self.acquire_shared()
-        try:
-            yield
-        finally:
-            self.release_shared()
 
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        self.acquire_exclusive()
-        try:
-            yield
-        finally:
-            self.release_exclusive()
+class CompiledBarrier(_CBarrier, BarrierContexts):  # type: ignore[misc,valid-type]
+    """The C barrier, with the context managers of the Python one."""
 
 
 class OriginSlowPath:

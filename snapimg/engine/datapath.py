@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from snapimg.blockdev import Extent
 from snapimg.engine import records as R
-from snapimg.engine.barrier import Barrier
+from snapimg.engine.barrier import BarrierContexts
 from snapimg.engine.bounded import BoundedRunner, Job
 from snapimg.engine.index import OriginIndex, Segment
 from snapimg.engine.origin import Origin
@@ -86,7 +86,7 @@ class DataPath:
         state: StoreState,
         origins: dict[str, OpenOrigin],
         strict: bool,
-        barrier: Barrier,
+        barrier: BarrierContexts,
     ) -> None:
         self.store = store
         self.state = state

@@ -12,7 +12,6 @@ slow path into the reply's error.  TLS connections stay on the Python transmissi
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from snapimg.nbd.requests import Context, describe_error
+from snapimg.nbd.sockio import stop_reading
 
 if TYPE_CHECKING:
     from snapimg._datapath import Device
@@ -52,8 +52,7 @@ class CompiledTransmission:
     def stop(self, hard: bool = False) -> None:
         """Stop reading requests: the threads end after replying to those already read
         (``hard``: and stop sending too, the client is not reading)."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR if hard else socket.SHUT_RD)
+        stop_reading(self.sock, hard)
 
     def _run(self) -> None:
         try:

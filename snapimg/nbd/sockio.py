@@ -10,10 +10,19 @@ unless more than ``limit`` bytes are waiting for a client that does not read.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
 _IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
+
+
+def stop_reading(sock: socket.socket, hard: bool) -> None:
+    """End a connection's transmission: no more requests are read (those already read
+    are still answered); ``hard``: replies are not sent either (the client is not
+    reading them)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR if hard else socket.SHUT_RD)
 
 
 class Closed(Exception):

@@ -15,7 +15,6 @@ reads), and a vanished client ends its threads.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import threading
@@ -23,7 +22,7 @@ from collections.abc import Callable
 
 from snapimg.nbd import protocol as p
 from snapimg.nbd.requests import Context, Request, error_reply, serve_request
-from snapimg.nbd.sockio import Closed, Input, Output
+from snapimg.nbd.sockio import Closed, Input, Output, stop_reading
 
 log = logging.getLogger(__name__)
 THREADS = 6  # per connection: requests read and not yet answered, at most
@@ -58,8 +57,7 @@ class ThreadedTransmission:
     def stop(self, hard: bool = False) -> None:
         """Stop reading requests: the threads end after replying to those already read
         (``hard``: and stop sending too, the client is not reading)."""
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR if hard else socket.SHUT_RD)
+        stop_reading(self.sock, hard)
 
     def _run(self) -> None:
         try:

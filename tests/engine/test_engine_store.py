@@ -6,9 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import subprocess
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -150,23 +149,10 @@ def test_unrecordable_invalidation_refuses_the_write(
         assert eng.snapshot_device("disk", "s").pread(0, len(orig)) == orig
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_real_enospc_on_full_tmpfs(small_tmpfs: Path, tmp_path: Path) -> None:
+def test_real_enospc_on_full_tmpfs(tmpfs: Callable[[str], Path], tmp_path: Path) -> None:
     path = tmp_path / "big.img"
     orig = make_image(path, 64 * BS)  # 4 MiB origin, 2 MiB store file system
-    store = small_tmpfs / "store"
+    store = tmpfs("2M") / "store"
     with Engine.open(store, {"disk": path}) as eng:
         eng.create_snapshot("disk", "inv")
         dev = eng.origin_device("disk")

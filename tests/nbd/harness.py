@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from snapimg.blockdev import BlockDevice
 from snapimg.nbd.exports import ExportTable
@@ -57,3 +58,31 @@ def serving(devices: dict[str, BlockDevice], sock: Path) -> Iterator[ServerThrea
         yield st
     finally:
         st.stop()
+
+
+def many_clients(connect: Callable[[], Any], count: int = 48) -> None:
+    """``count`` clients at once, each writing and reading back its own 64 KiB five times;
+    then one client checks every region (the byte written last in it)."""
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            h = connect()
+            data = bytes([i + 1]) * 65536
+            for _ in range(5):
+                h.pwrite(data, i * 65536)
+                assert h.pread(65536, i * 65536) == data
+            h.shutdown()
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    h = connect()
+    for i in range(count):
+        assert h.pread(1, i * 65536 + 65535) == bytes([i + 1])
+    h.shutdown()

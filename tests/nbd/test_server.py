@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-import threading
 from pathlib import Path
 
 import nbd
@@ -13,7 +12,7 @@ import pytest
 
 from snapimg.nbd import protocol as p
 from tests.nbd.filedev import FileDevice
-from tests.nbd.harness import ServerThread
+from tests.nbd.harness import ServerThread, many_clients
 
 Server = tuple[ServerThread, dict[str, FileDevice]]
 
@@ -226,29 +225,7 @@ def test_socket_mode_and_stale_socket(tmp_path: Path, disk: Path) -> None:
 
 def test_many_concurrent_clients(server: Server) -> None:
     st, _ = server
-    errors: list[BaseException] = []
-
-    def client(i: int) -> None:
-        try:
-            h = connect(st, "disk")
-            data = bytes([i + 1]) * 65536
-            for _ in range(5):
-                h.pwrite(data, i * 65536)
-                assert h.pread(65536, i * 65536) == data
-            h.shutdown()
-        except BaseException as err:  # reported below
-            errors.append(err)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(48)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors[:3]
-    h = connect(st, "disk")
-    for i in range(48):
-        assert h.pread(1, i * 65536 + 65535) == bytes([i + 1])
-    h.shutdown()
+    many_clients(lambda: connect(st, "disk"))
 
 
 def test_meta_context_options_and_abort(tmp_path: Path, disk: Path) -> None:
