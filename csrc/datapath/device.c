@@ -266,8 +266,11 @@ static void reclaim(Device *d, OpCtx *ctx)
     ctx->own_ts = quiet.own_ts;
 }
 
-static int origin_write(Device *d, OpCtx *ctx, uint64_t off, uint32_t len, const char *buf,
-                        int fua)
+/* An origin write (buf) or zeroing (buf NULL; punch: may leave a hole): the copies
+ * live snapshots need first, then the change, then FUA's syncs; space the store freed
+ * meanwhile is given back after the barrier. */
+static int origin_change(Device *d, OpCtx *ctx, uint64_t off, uint64_t len, const char *buf,
+                         int punch, int fua)
 {
     if (check_range(d, ctx, off, len))
         return -1;
@@ -280,29 +283,8 @@ static int origin_write(Device *d, OpCtx *ctx, uint64_t off, uint32_t len, const
         rc = fail_closed(ctx);
     else if (preserve(d, ctx, off, len))
         rc = -1;
-    else if ((err = file_pwrite(d->o->fd, buf, len, off)))
-        rc = fail_errno(ctx, err);
-    else if (fua && !(rc = sync_store(d, ctx)) && fdatasync(d->o->fd))
-        rc = fail_errno(ctx, errno);
-    barrier_release_shared(c->barrier);
-    reclaim(d, ctx);
-    return rc;
-}
-
-static int origin_zero(Device *d, OpCtx *ctx, uint64_t off, uint64_t len, int fua, int punch)
-{
-    if (check_range(d, ctx, off, len))
-        return -1;
-    if (!len)
-        return 0;
-    Core *c = d->core;
-    int rc = 0, err;
-    barrier_acquire_shared(c->barrier);
-    if (atomic_load(&c->closed))
-        rc = fail_closed(ctx);
-    else if (preserve(d, ctx, off, len))
-        rc = -1;
-    else if ((err = write_zeroes_fd(d->o, off, len, punch)))
+    else if ((err = buf ? file_pwrite(d->o->fd, buf, len, off)
+                        : write_zeroes_fd(d->o, off, len, punch)))
         rc = fail_errno(ctx, err);
     else if (fua && !(rc = sync_store(d, ctx)) && fdatasync(d->o->fd))
         rc = fail_errno(ctx, errno);
@@ -555,7 +537,7 @@ int dev_read(Device *d, OpCtx *ctx, uint64_t off, uint32_t len, char *buf)
 int dev_write(Device *d, OpCtx *ctx, uint64_t off, uint32_t len, const char *buf, int fua)
 {
     if (d->kind == DEV_ORIGIN)
-        return origin_write(d, ctx, off, len, buf, fua);
+        return origin_change(d, ctx, off, len, buf, 0, fua);
     gil_take(ctx);
     PyObject *view = PyMemoryView_FromMemory((char *)buf, len, PyBUF_READ);
     PyObject *res = view ? call_slow(d, ctx, "write", "(KOi)", (unsigned long long)off, view,
@@ -578,7 +560,7 @@ int dev_write(Device *d, OpCtx *ctx, uint64_t off, uint32_t len, const char *buf
 int dev_zero(Device *d, OpCtx *ctx, uint64_t off, uint64_t len, int fua, int punch)
 {
     if (d->kind == DEV_ORIGIN)
-        return origin_zero(d, ctx, off, len, fua, punch);
+        return origin_change(d, ctx, off, len, NULL, punch, fua);
     return slow_op(d, ctx, "zero", "(KKi)", (unsigned long long)off, (unsigned long long)len,
                    fua);
 }
@@ -588,7 +570,7 @@ int dev_trim(Device *d, OpCtx *ctx, uint64_t off, uint64_t len)
     if (d->kind == DEV_SNAPSHOT)
         return slow_op(d, ctx, "trim", "(KK)", (unsigned long long)off, (unsigned long long)len);
     if (d->can_trim)
-        return origin_zero(d, ctx, off, len, 0, 1);
+        return origin_change(d, ctx, off, len, NULL, 1, 0);
     return check_range(d, ctx, off, len);
 }
 
