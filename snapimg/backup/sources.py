@@ -33,6 +33,17 @@ class SnapshotSource(Protocol):
     def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]: ...
 
 
+def preflight(source: SnapshotSource, origin: str) -> None:
+    """Check, before anything is created, that ``source`` answers and has ``origin``."""
+    if isinstance(source, ControlSource):
+        origins = [str(e["name"]) for e in source.client.exports() if "@" not in e["name"]]
+        if origin not in origins:
+            raise UsageError(f"the server at {source.client.path} serves no origin "
+                             f"{origin!r} (it serves: {', '.join(origins) or 'none'})")
+    elif isinstance(source, QmpSource) and not source.qmp.exists():
+        raise UsageError(f"--qmp {source.qmp}: no such socket")
+
+
 class ControlSource:
     """Snapshots of an origin served by ``snapimg serve`` (its control socket)."""
 
