@@ -31,9 +31,11 @@ _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT = 30.0
 
 
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # bound here: nothing is loaded after fork
+
+
 def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class QemuExport:

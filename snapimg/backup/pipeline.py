@@ -19,7 +19,7 @@ import os
 import queue
 import select
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
@@ -39,9 +39,13 @@ from snapimg.errors import BackupError
 from snapimg.progress import Progress
 
 Range = tuple[int, int]
-WORKERS = min(4, os.cpu_count() or 2)
+WORKERS = min(4, os.cpu_count() or 2)  # hashing threads
+WRITERS = 8  # threads with a write connection each: writes in flight to the sink
 MAX_PIECES = 24  # pieces in flight (read, queued or being hashed): 96 MiB of buffers
 _ZERO_MAX = 1 << 30  # largest NBD_CMD_WRITE_ZEROES sent
+# Largest NBD_CMD_WRITE sent: QEMU's NBD server allocates a fresh buffer per request,
+# and buffers of 4 MiB cost it page faults that 1 MiB ones mostly do not (measured).
+_WRITE_MAX = 1 << 20
 
 
 class PieceJob(NamedTuple):
@@ -123,7 +127,8 @@ class NbdSink:
                     h.zero(n, off)
                 continue
             rel = off - job.plan.offset
-            h.pwrite(buf[rel:rel + n], off)
+            for k in range(0, n, _WRITE_MAX):
+                h.pwrite(buf[rel + k:rel + min(n, k + _WRITE_MAX)], off + k)
             written += n
         return written
 
@@ -326,6 +331,17 @@ def run_pipeline(reader: NbdReader, jobs: Iterable[Job], sink: Sink | None = Non
 _Done = tuple[Job, bytes | None, int]  # job, digest (None: a zero span), bytes written
 
 
+def _chain(fut: Future[bytes], then: Callable[[bytes], _Done]) -> Future[_Done]:
+    """A finished future of ``then(fut.result())``, or of ``fut``'s exception."""
+    out: Future[_Done] = Future()
+    err = fut.exception()
+    if err is not None:
+        out.set_exception(err)
+    else:
+        out.set_result(then(fut.result()))
+    return out
+
+
 class _Pipeline:
     def __init__(self, reader: NbdReader, sink: Sink | None, workers: int, max_pieces: int,
                  whole_sha256: bool, progress: Progress | None) -> None:
@@ -338,7 +354,8 @@ class _Pipeline:
         self.buffers = 0
         self.active = 0  # jobs started and not yet finished by a worker
         self.done: queue.SimpleQueue[Future[_Done]] = queue.SimpleQueue()
-        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="snapimg-piece")
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="snapimg-hash")
+        self.writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="snapimg-write")
         self.seq = _Sequencer(reader.size, self.free) if whole_sha256 else None
         self.max_request = min(reader.max_request, PIECE_SIZE)
         # per connection: cookie -> (piece offset, libnbd buffer)
@@ -377,6 +394,7 @@ class _Pipeline:
         finally:
             planner.stop()
             self.pool.shutdown(wait=False, cancel_futures=True)
+            self.writers.shutdown(wait=False, cancel_futures=True)
         return self.result
 
     def _buffer(self) -> bytearray | None:
@@ -427,27 +445,41 @@ class _Pipeline:
         return True
 
     def _submit(self, job: Job, buf: bytearray | None) -> None:
-        fut = self.pool.submit(self._work, job, buf)
-        fut.add_done_callback(self.done.put)
-
-    def _work(self, job: Job, buf: bytearray | None) -> _Done:
+        """Hash (a hashing thread), then write (a writing thread: sync writes, several in
+        flight over their own connections), then report to the main thread."""
         if isinstance(job, ZeroJob):
-            assert self.sink is not None
-            self.sink.write_zeroes(job.writes)
-            return job, None, 0
+            self.writers.submit(self._write_zeroes, job).add_done_callback(self.done.put)
+            return
         assert buf is not None
+
+        def hashed(fut: Future[bytes]) -> None:
+            if fut.exception() is not None or not (self.sink and job.writes):
+                self._release(job, buf)
+                self.done.put(_chain(fut, lambda digest: (job, digest, 0)))
+                return
+            self.writers.submit(self._write, job, buf, fut.result()).add_done_callback(
+                self.done.put)
+
+        self.pool.submit(hash_piece, job.plan, memoryview(buf)).add_done_callback(hashed)
+
+    def _write_zeroes(self, job: ZeroJob) -> _Done:
+        assert self.sink is not None
+        self.sink.write_zeroes(job.writes)
+        return job, None, 0
+
+    def _write(self, job: PieceJob, buf: bytearray, digest: bytes) -> _Done:
+        assert self.sink is not None
         try:
-            view = memoryview(buf)
-            digest = hash_piece(job.plan, view)
-            written = self.sink.write_piece(job, view) if self.sink and job.writes else 0
-        except BaseException:
-            self.free.put(buf)
-            raise
+            written = self.sink.write_piece(job, memoryview(buf))
+        finally:
+            self._release(job, buf)
+        return job, digest, written
+
+    def _release(self, job: PieceJob, buf: bytearray) -> None:
         if self.seq is not None:
             self.seq.put(job, buf)
         else:
             self.free.put(buf)
-        return job, digest, written
 
     def _collect(self) -> None:
         while True:

@@ -8,7 +8,6 @@ ranges written since an older snapshot (what an incremental copies).
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,6 +87,8 @@ class QmpSource:
         self.store_dir = store_dir
 
     def create(self, origin: str, snap: str) -> tuple[str, int]:
+        import asyncio
+
         from snapimg.backends.attach import attach
         from snapimg.backends.qsd.graph import COPY_GRANULARITY
 
@@ -96,6 +97,8 @@ class QmpSource:
         return result.uri, COPY_GRANULARITY
 
     def drop(self, origin: str, snap: str) -> bool:
+        import asyncio
+
         from snapimg.backends.attach import detach
 
         try:
