@@ -453,12 +453,18 @@ class _Pipeline:
         assert buf is not None
 
         def hashed(fut: Future[bytes]) -> None:
+            if fut.cancelled():  # the pipeline is being torn down
+                self._release(job, buf)
+                return
             if fut.exception() is not None or not (self.sink and job.writes):
                 self._release(job, buf)
                 self.done.put(_chain(fut, lambda digest: (job, digest, 0)))
                 return
-            self.writers.submit(self._write, job, buf, fut.result()).add_done_callback(
-                self.done.put)
+            try:
+                self.writers.submit(self._write, job, buf, fut.result()).add_done_callback(
+                    self.done.put)
+            except RuntimeError:  # shut down meanwhile (an error or a signal elsewhere)
+                self._release(job, buf)
 
         self.pool.submit(hash_piece, job.plan, memoryview(buf)).add_done_callback(hashed)
 

@@ -40,6 +40,15 @@ def qemu_io(target: str, *commands: str, fmt: str = "raw") -> str:
     return proc.stdout
 
 
+def make_origin(path: Path, size: int, *writes: str) -> Path:
+    """A sparse raw image of ``size`` bytes with qemu-io ``writes`` applied."""
+    with path.open("wb") as f:
+        f.truncate(size)
+    if writes:
+        qemu_io(str(path), *writes)
+    return path
+
+
 def qemu_img(*args: str | Path) -> str:
     proc = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
                           timeout=300)

@@ -13,6 +13,7 @@ from pathlib import Path
 from tests.backup.helpers import (
     PIECE,
     MiB,
+    make_origin,
     manifest,
     pieces_digest_file,
     qemu_img,
@@ -42,12 +43,9 @@ def _writer_round(uri: str, rng: random.Random, zero_ranges: bool) -> None:
 
 
 def _origin(tmp_path: Path) -> Path:
-    disk = tmp_path / "disk.img"
-    with disk.open("wb") as f:
-        f.truncate(SIZE)
-    qemu_io(str(disk), "write -P 0x11 0 3M", "write -P 0x22 8M 2M", "write -P 0x33 40M 64k",
-            f"write -P 0x44 {SIZE - MiB} 1M")
-    return disk
+    return make_origin(tmp_path / "disk.img", SIZE, "write -P 0x11 0 3M",
+                       "write -P 0x22 8M 2M", "write -P 0x33 40M 64k",
+                       f"write -P 0x44 {SIZE - MiB} 1M")
 
 
 def test_full_then_incrementals_are_a_qcow2_chain_that_restores_exactly(

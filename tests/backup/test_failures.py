@@ -6,16 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.backup.helpers import MiB, qemu_io, snapimg, snapimg_json
+from tests.backup.helpers import MiB, make_origin, snapimg, snapimg_json
 from tests.interop.serving import Serve
 
 
 def _origin(tmp_path: Path) -> Path:
-    disk = tmp_path / "disk.img"
-    with disk.open("wb") as f:
-        f.truncate(16 * MiB)
-    qemu_io(str(disk), "write -P 0x21 0 6M")
-    return disk
+    return make_origin(tmp_path / "disk.img", 16 * MiB, "write -P 0x21 0 6M")
 
 
 def _one_line(stderr: str) -> None:

@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.backup.helpers import MiB, qemu_io, sha256_file, snapimg
+from tests.backup.helpers import MiB, make_origin, qemu_io, sha256_file, snapimg
 from tests.inspect.helpers import make_ext4
 from tests.interop.serving import Serve
 
@@ -29,10 +29,8 @@ def _hmp(drive: Path, *commands: str) -> str:
 
 def test_qemu_opens_a_point_with_snapshot_on(tmp_path: Path,
                                              serve: Callable[..., Serve]) -> None:
-    disk = tmp_path / "disk.img"
-    with disk.open("wb") as f:
-        f.truncate(SIZE)
-    qemu_io(str(disk), "write -P 0x61 0 2M", "write -P 0x62 20M 1M")
+    disk = make_origin(tmp_path / "disk.img", SIZE, "write -P 0x61 0 2M",
+                       "write -P 0x62 20M 1M")
     srv = serve([f"disk={disk}"])
     bk = tmp_path / "bk"
     snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--keep", "disk@a")

@@ -14,6 +14,7 @@ import pytest
 from tests.backup.helpers import (
     SNAPIMG,
     MiB,
+    make_origin,
     manifest,
     qemu_io,
     snapimg,
@@ -27,12 +28,15 @@ STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 LINE = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 
 
-def _big_origin(tmp_path: Path) -> Path:
-    disk = tmp_path / "disk.img"
-    with disk.open("wb") as f:
-        f.truncate(192 * MiB)
-    qemu_io(str(disk), "write -P 0x61 0 160M")
-    return disk
+def _backed_up(tmp_path: Path, serve: Callable[..., Serve], keep: str) -> tuple[Serve, Path]:
+    """An origin of 160 MiB of data, one full backup kept as ``keep``, then 150 MiB
+    rewritten: the next backup has enough to copy to be caught half-way."""
+    disk = make_origin(tmp_path / "disk.img", 192 * MiB, "write -P 0x61 0 160M")
+    srv = serve([f"disk={disk}"])
+    bk = tmp_path / "bk"
+    snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--keep", f"disk@{keep}")
+    qemu_io(srv.uri("disk"), "write -P 0x62 0 150M")
+    return srv, bk
 
 
 def _start(*args: str | Path) -> subprocess.Popen[bytes]:
@@ -72,12 +76,8 @@ def _signalled(proc: subprocess.Popen[bytes], sig: signal.Signals) -> str:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_a_backup_and_drops_even_a_kept_snapshot(
         sig: signal.Signals, tmp_path: Path, serve: Callable[..., Serve]) -> None:
-    disk = _big_origin(tmp_path)
-    srv = serve([f"disk={disk}"])
-    bk = tmp_path / "bk"
-    snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--keep", "disk@first")
+    srv, bk = _backed_up(tmp_path, serve, "first")
     before = (bk / "manifest.json").read_bytes()
-    qemu_io(srv.uri("disk"), "write -P 0x62 0 150M")
 
     args = ("backup", "--control", srv.control, "disk", "--to", bk, "--since", "first",
             "--keep", "disk@second")
@@ -106,10 +106,8 @@ def test_signal_stops_a_backup_and_drops_even_a_kept_snapshot(
 
 def test_sigkill_during_backup_is_cleaned_up_by_the_next_one(
         tmp_path: Path, serve: Callable[..., Serve]) -> None:
-    disk = _big_origin(tmp_path)
-    srv = serve([f"disk={disk}"])
-    bk = tmp_path / "bk"
-    snapimg("backup", "--control", srv.control, "disk", "--to", bk)
+    srv, bk = _backed_up(tmp_path, serve, "first")
+    snapimg("snapshot", "drop", "--control", srv.control, "disk@first")
     before = (bk / "manifest.json").read_bytes()
     proc = _start("backup", "--control", srv.control, "disk", "--to", bk, "--keep", "disk@k")
     try:
@@ -136,12 +134,9 @@ def test_sigkill_during_backup_is_cleaned_up_by_the_next_one(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_restore_verify_and_prune(
         sig: signal.Signals, tmp_path: Path, serve: Callable[..., Serve]) -> None:
-    disk = _big_origin(tmp_path)
-    srv = serve([f"disk={disk}"])
-    bk = tmp_path / "bk"
-    snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--keep", "disk@a")
-    qemu_io(srv.uri("disk"), "write -P 0x63 0 150M")
+    srv, bk = _backed_up(tmp_path, serve, "a")
     snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--since", "a")
+    disk = tmp_path / "disk.img"
 
     out = tmp_path / "out.img"
     proc = _start("restore", bk, "--to", out)

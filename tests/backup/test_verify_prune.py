@@ -19,6 +19,7 @@ import pytest
 from tests.backup.helpers import (
     SNAPIMG,
     MiB,
+    make_origin,
     manifest,
     qemu_img,
     qemu_io,
@@ -35,10 +36,8 @@ SIZE = 48 * MiB
 @pytest.fixture
 def chain(tmp_path: Path, serve: Callable[..., Serve]) -> tuple[Path, dict[str, bytes]]:
     """A directory of five points (a full one, four incrementals) and each one's image."""
-    disk = tmp_path / "disk.img"
-    with disk.open("wb") as f:
-        f.truncate(SIZE)
-    qemu_io(str(disk), "write -P 0x10 0 12M", "write -P 0x11 30M 2M")
+    disk = make_origin(tmp_path / "disk.img", SIZE, "write -P 0x10 0 12M",
+                       "write -P 0x11 30M 2M")
     srv = serve([f"disk={disk}"])
     bk = tmp_path / "bk"
     rng = random.Random(5)
