@@ -315,6 +315,7 @@ def run_scale(work: Path) -> dict[str, Any]:
     finally:
         srv.stop()
     point = bk / full["file"]
+    st = point.stat()
     with qemu_nbd(point, "qcow2", read_only=True) as src:
         t_nbdcopy_point = timed(["nbdcopy", src, str(out)], out)[0]
     remove(out)
@@ -327,6 +328,8 @@ def run_scale(work: Path) -> dict[str, Any]:
         "nbdcopy_snapshot_s": round(t_nbdcopy, 3),
         "backup_full_s": round(t_full, 3),
         "backup_peak_rss_mib": round(rss / 1024, 1),
+        "point_apparent_mib": round(st.st_size / MiB, 1),  # no reliance on holes:
+        "point_held_mib": round(st.st_blocks * 512 / MiB, 1),  # the two are about equal
         "nbdcopy_point_s": round(t_nbdcopy_point, 3),
         "restore_s": round(t_restore, 3),
         "verify_s": round(t_verify, 3),

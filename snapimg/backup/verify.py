@@ -69,6 +69,7 @@ class _Verifier:
         self.by_file = {r.file: r for r in man.backups}
         self.computed: dict[str, PieceDigests | None] = {}  # None: could not be computed
         self._backings: dict[str, BackupRecord | None] = {}
+        self._backing_names: dict[str, str | None] = {}
 
     def run(self, wanted: list[BackupRecord]) -> list[PointReport]:
         reports: dict[str, PointReport] = {}
@@ -80,6 +81,7 @@ class _Verifier:
         """The listed point whose file is ``rec``'s backing file, if any."""
         if rec.id not in self._backings:
             name = qemuimg.backing_file(self.directory / rec.file)
+            self._backing_names[rec.id] = name
             self._backings[rec.id] = self.by_file.get(name) if name else None
         return self._backings[rec.id]
 
@@ -118,6 +120,10 @@ class _Verifier:
             if not report.check.ok:
                 report.problems.append(f"qemu-img check: {report.check.message}")
             back = self._backing(rec)
+            if rec.parent is not None and (back is None or back.id != rec.parent):
+                name = self._backing_names.get(rec.id) or "none"
+                report.problems.append(f"its backing file is {name}, not the file of its "
+                                       f"parent {rec.parent}")
             base = self.computed.get(back.id) if back is not None else None
             if back is not None and base is None:
                 report.problems.append(f"its backing point {back.id} could not be read")

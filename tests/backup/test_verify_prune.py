@@ -120,6 +120,12 @@ def test_verify_finds_a_flipped_byte_in_any_file(chain: tuple[Path, dict[str, by
     _flip(bk / "b0003.pieces", 45)
     proc = _verify(bk, "--backup", "b0003")
     assert proc.returncode == 1 and "piece digest file" in proc.stderr
+    # a chain rewired behind snapimg's back
+    qemu_img("rebase", "-u", "-f", "qcow2", "-b", "b0001.qcow2", "-F", "qcow2",
+             bk / "b0003.qcow2")
+    proc = _verify(bk, "--backup", "b0003")
+    assert proc.returncode == 1
+    assert "its backing file is b0001.qcow2, not the file of its parent b0002" in proc.stderr
     (bk / "manifest.json").rename(bk / "m")
     proc = _verify(bk)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
