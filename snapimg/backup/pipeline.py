@@ -4,10 +4,11 @@ Work is cut into 4 MiB pieces (:mod:`snapimg.digest`).  The ranges to visit are 
 classified by block status: pieces the server reports as all zeroes are never read or
 hashed.  For the others, one thread keeps reads of several pieces in flight over a few
 connections (``aio_pread`` straight into a reused piece buffer, completions found with
-select); a finished piece goes to a small thread pool that writes its ranges to the sink
-(a qcow2 image exported by QEMU, a raw file, or nothing) and hashes it.  SHA-256 and
-libnbd release the GIL, so pieces are hashed in parallel with each other and with the
-reads.  Optionally a sequencer thread also computes the SHA-256 of the whole image
+select); a finished piece is hashed by a small thread pool, then written to the sink (a
+qcow2 image exported by QEMU, a raw file, or nothing) by a pool of writer threads, each
+with its own connection, so that several writes are in flight.  SHA-256 and libnbd
+release the GIL, so pieces are hashed in parallel with each other, the reads and the
+writes.  Optionally a sequencer thread also computes the SHA-256 of the whole image
 (pieces in order, zero runs fed as zeroes: that one costs the virtual size).
 """
 
@@ -119,28 +120,34 @@ class NbdSink:
         return h
 
     def write_piece(self, job: PieceJob, buf: memoryview) -> int:
-        h = self._handle()
         written = 0
-        for off, n, zero in write_runs(job, buf):
-            if zero:
-                if self.zeroes == "write":
-                    h.zero(n, off)
-                continue
-            rel = off - job.plan.offset
-            for k in range(0, n, _WRITE_MAX):
-                h.pwrite(buf[rel + k:rel + min(n, k + _WRITE_MAX)], off + k)
-            written += n
+        try:
+            h = self._handle()
+            for off, n, zero in write_runs(job, buf):
+                if zero:
+                    if self.zeroes == "write":
+                        h.zero(n, off)
+                    continue
+                rel = off - job.plan.offset
+                for k in range(0, n, _WRITE_MAX):
+                    h.pwrite(buf[rel + k:rel + min(n, k + _WRITE_MAX)], off + k)
+                written += n
+        except nbd.Error as err:
+            raise BackupError(f"writing the backup file failed: {err.string}") from None
         return written
 
     def write_zeroes(self, ranges: list[Range]) -> None:
         if self.zeroes == "skip":
             return
-        h = self._handle()
-        for off, n in ranges:
-            while n > 0:
-                k = min(n, _ZERO_MAX)
-                h.zero(k, off)
-                off, n = off + k, n - k
+        try:
+            h = self._handle()
+            for off, n in ranges:
+                while n > 0:
+                    k = min(n, _ZERO_MAX)
+                    h.zero(k, off)
+                    off, n = off + k, n - k
+        except nbd.Error as err:
+            raise BackupError(f"writing the backup file failed: {err.string}") from None
 
     def flush(self) -> None:
         """Flush every connection (each NBD flush covers what that connection wrote)."""
@@ -170,9 +177,12 @@ class FileSink:
                 continue
             rel = off - job.plan.offset
             view = buf[rel:rel + n]
-            while view:
-                k = os.pwrite(self.fd, view, off)
-                view, off = view[k:], off + k
+            try:
+                while view:
+                    k = os.pwrite(self.fd, view, off)
+                    view, off = view[k:], off + k
+            except OSError as err:
+                raise BackupError(f"writing the image failed: {err.strerror}") from None
             written += n
         return written
 
@@ -364,38 +374,43 @@ class _Pipeline:
 
     def run(self, jobs: Iterable[Job]) -> PipelineResult:
         planner = _Planner(jobs)
-        pending: Job | None = None
-        exhausted = False
         try:
-            while True:
-                while not exhausted and self.active < self.max_pieces:
-                    if pending is None:
-                        busy = self.active or any(self.inflight)
-                        item = planner.get(0 if busy else 0.2)
-                        if item is None:
-                            break  # the planner is behind: do other work meanwhile
-                        if item is _Planner.END:
-                            exhausted = True
-                            break
-                        pending = item  # type: ignore[assignment]
-                    assert pending is not None
-                    if not self._start(pending):
-                        break  # no free buffer: wait for a worker or the sequencer
-                    pending = None
-                self._collect()
-                if exhausted and self.active == 0:
-                    break
-                if any(self.inflight):
-                    self._wait_reads()
-                elif self.active or pending is not None:
-                    self._wait_worker()
+            self._loop(planner)
             if self.seq is not None:
                 self.result.sha256 = self.seq.finish()
+        except nbd.Error as err:
+            raise BackupError(f"reading {self.reader.uri} failed: {err.string}") from None
         finally:
             planner.stop()
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.writers.shutdown(wait=False, cancel_futures=True)
         return self.result
+
+    def _loop(self, planner: _Planner) -> None:
+        pending: Job | None = None
+        exhausted = False
+        while True:
+            while not exhausted and self.active < self.max_pieces:
+                if pending is None:
+                    busy = self.active or any(self.inflight)
+                    item = planner.get(0 if busy else 0.2)
+                    if item is None:
+                        break  # the planner is behind: do other work meanwhile
+                    if item is _Planner.END:
+                        exhausted = True
+                        break
+                    assert isinstance(item, PieceJob | ZeroJob)
+                    pending = item
+                if not self._start(pending):
+                    break  # no free buffer: wait for a worker or the sequencer
+                pending = None
+            self._collect()
+            if exhausted and self.active == 0:
+                return
+            if any(self.inflight):
+                self._wait_reads()
+            elif self.active or pending is not None:
+                self._wait_worker()
 
     def _buffer(self) -> bytearray | None:
         try:

@@ -3,8 +3,11 @@ without --force; -p draws a progress bar."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tests.backup.helpers import MiB, make_origin, snapimg, snapimg_json
 from tests.interop.serving import Serve
@@ -91,3 +94,24 @@ def test_restore_refuses_an_existing_file_without_force_and_shows_progress(
     proc = snapimg("restore", bk, "--to", important, "--force", "--progress")
     assert "restore b0002 [" in proc.stderr
     assert important.read_bytes() == disk.read_bytes()
+
+
+def test_restore_to_a_full_filesystem_fails_in_one_line_and_leaves_nothing(
+        tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    srv = serve([f"disk={_origin(tmp_path)}"])
+    bk = tmp_path / "bk"
+    snapimg("backup", "--control", srv.control, "disk", "--to", bk)
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        proc = snapimg("restore", bk, "--to", small / "out.img", check=False)
+        assert proc.returncode == 1
+        assert proc.stderr == ("snapimg restore: writing the image failed: "
+                               "No space left on device\n")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", small], check=True)
