@@ -4,7 +4,8 @@ Used to read images of any QEMU format (qcow2 chains included: QEMU opens the ba
 files) and to write qcow2 images with QEMU's own code: snapimg never parses or writes
 qcow2 itself.  The daemon runs in its own process group with a private directory for its
 socket and pid file, and dies with the snapimg process that started it (PR_SET_PDEATHSIG),
-so a killed snapimg leaves no daemon writing behind it.  The export is ready when the
+so a killed snapimg leaves no daemon writing behind it (and the next export removes the
+directory it left).  The export is ready when the
 daemon has written its pid file (after every command-line option was processed).
 """
 
@@ -31,7 +32,23 @@ _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT = 30.0
 
 
+_DIR_PREFIX = "snapimg-export-"  # + the owner's pid + "-" + random
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # bound here: nothing is loaded after fork
+
+
+def _remove_orphaned_dirs() -> None:
+    """Remove the directories of exports whose snapimg process was killed (SIGKILL gives
+    no chance to clean up; the daemon itself died with it)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+        owner = path.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
+        if not owner.isdigit():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            continue
 
 
 def _die_with_parent() -> None:
@@ -56,7 +73,8 @@ class QemuExport:
         if shutil.which(QSD_BINARY) is None:
             raise QemuError(f"{QSD_BINARY} not found (install the qemu-utils package)")
         self.path = path
-        self._dir = Path(tempfile.mkdtemp(prefix="snapimg-export-"))
+        _remove_orphaned_dirs()
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
         sock = self._dir / "nbd.sock"
         pidfile = self._dir / "qsd.pid"
         node: dict[str, Any] = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,6 +129,8 @@ def test_sigkill_during_backup_is_cleaned_up_by_the_next_one(
     res = snapimg_json("backup", "--control", srv.control, "disk", "--to", bk)
     assert res["id"] == "b0002"
     assert not list(bk.glob(".*"))  # temporary files, .pending.json, .lock
+    # and the private directory of the killed run's export helper is gone too
+    assert not list(Path(tempfile.gettempdir()).glob(f"snapimg-export-{proc.pid}-*"))
     assert snapimg_json("snapshot", "list", "--control", srv.control) == []
 
 
