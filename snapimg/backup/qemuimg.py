@@ -2,7 +2,8 @@
 
 Every call runs ``qemu-img`` as a child that is killed if snapimg is interrupted while
 waiting for it (a SIGTERM sent to snapimg alone would otherwise leave it running), and
-turns a failure into one :class:`~snapimg.errors.QemuError` line: qemu-img's last line.
+turns a failure into one :class:`~snapimg.errors.QemuError` line: qemu-img's last error
+and its hints.
 """
 
 from __future__ import annotations
@@ -31,10 +32,18 @@ def run(*args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[s
         proc.wait()
         raise
     if proc.returncode not in ok:
-        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-        msg = lines[-1].removeprefix("qemu-img: ") if lines else f"status {proc.returncode}"
-        raise QemuError(f"qemu-img {args[0]}: {msg}")
+        raise QemuError(f"qemu-img {args[0]}: {_error_text(err, proc.returncode)}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _error_text(stderr: str, status: int) -> str:
+    """qemu-img's last error, with the hint lines that follow it (as one line)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("qemu-img: ")]
+    if not lines:
+        return f"status {status}"
+    first = starts[-1] if starts else len(lines) - 1
+    return " ".join(lines[first:]).removeprefix("qemu-img: ")
 
 
 def create_qcow2(path: Path, size: int, backing: str | None = None) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from snapimg.qemuexport import QemuExport
 from tests.backup.helpers import (
     SNAPIMG,
     MiB,
@@ -192,3 +193,21 @@ def test_sigkill_at_any_moment_of_a_prune_leaves_every_listed_point_restorable(
         assert sorted(p.name for p in work.iterdir()) == \
             ["b0005.pieces", "b0005.qcow2", "manifest.json"]
     assert len(states) >= 3  # the kills landed in different phases of the prune
+
+
+def test_prune_does_not_write_under_a_reader_and_finishes_later(
+        chain: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    """QEMU's image locks: while a point's chain is open for reading (as restore and
+    verify hold it), the commit that would write below it fails; nothing listed changes."""
+    bk, images = chain
+    with QemuExport(bk / "b0003.qcow2", "qcow2"):  # holds b0001..b0003 open
+        proc = snapimg("prune", bk, "--keep-last", "3", check=False)
+    assert proc.returncode == 1 and 'Failed to get "write" lock' in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    for rec in manifest(bk)["backups"]:
+        out = tmp_path / "out.img"
+        snapimg("restore", bk, "--backup", rec["id"], "--to", out, "--force")
+        assert out.read_bytes() == images[rec["id"]]
+    res = snapimg_json("prune", bk, "--keep-last", "3")
+    assert res["remaining"] == ["b0003", "b0004", "b0005"]
+    assert _verify(bk).returncode == 0
