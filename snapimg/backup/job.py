@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ from snapimg.progress import Progress
 from snapimg.qemuexport import QemuExport
 
 PENDING_NAME = ".pending.json"
+# what a killed first backup may leave in a directory that has no manifest yet
+_LEFTOVER = re.compile(r"\.lock|\.pending\.json|\..*\.tmp|b\d{4,}\.(qcow2|pieces)")
 Range = tuple[int, int]
 
 
@@ -92,7 +95,7 @@ def writable_directory(directory: Path) -> Iterator[None]:
     elif not directory.is_dir():
         raise UsageError(f"--to {directory} is not a directory")
     elif not (directory / manifest.MANIFEST_NAME).exists() and any(
-            p.name != manifest.LOCK_NAME for p in directory.iterdir()):
+            not _LEFTOVER.fullmatch(p.name) for p in directory.iterdir()):
         raise UsageError(f"--to {directory} is not a backup directory (no manifest.json) "
                          f"and is not empty")
     try:

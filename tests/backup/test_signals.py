@@ -128,9 +128,27 @@ def test_sigkill_during_backup_is_cleaned_up_by_the_next_one(
 
     res = snapimg_json("backup", "--control", srv.control, "disk", "--to", bk)
     assert res["id"] == "b0002"
+    killed = proc.pid
     assert not list(bk.glob(".*"))  # temporary files, .pending.json, .lock
     # and the private directory of the killed run's export helper is gone too
-    assert not list(Path(tempfile.gettempdir()).glob(f"snapimg-export-{proc.pid}-*"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"snapimg-export-{killed}-*"))
+
+    # the very first backup of a new directory killed: the directory is still usable
+    new = tmp_path / "new"
+    proc = _start("backup", "--control", srv.control, "disk", "--to", new)
+    try:
+        tmp = new / ".b0001.qcow2.tmp"
+        wait_for(lambda: tmp.exists() and tmp.stat().st_blocks * 512 > 8 * MiB, proc,
+                 "a half-written backup file")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        stop(proc)
+    assert not (new / "manifest.json").exists()
+    assert snapimg_json("backup", "--control", srv.control, "disk", "--to", new)["id"] == \
+        "b0001"
+    assert sorted(p.name for p in new.iterdir()) == ["b0001.pieces", "b0001.qcow2",
+                                                      "manifest.json"]
     assert snapimg_json("snapshot", "list", "--control", srv.control) == []
 
 
