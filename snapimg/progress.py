@@ -35,13 +35,15 @@ class Progress:
         self.total = total
         self.done = 0
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.tty = self.stream.isatty()
+        self.enabled = self.tty if enabled is None else enabled
         self._start = time.monotonic()
         self._delay = delay
         self._erase = erase
         self._last_draw = 0.0
         self._interval = 1.0 / hz
         self._drawn = False
+        self._width = 0  # of the last line drawn (to blank it out without a terminal)
 
     def add(self, n: int) -> None:
         self.update(self.done + n)
@@ -67,15 +69,24 @@ class Progress:
                 f"  {min(frac, 1.0) * 100:.0f}%  {format_size(int(rate))}/s  ETA {_clock(eta)}")
 
     def _draw(self, now: float) -> None:
-        self.stream.write("\r\x1b[K" + self.line(now))
+        text = self.line(now)
+        self.stream.write(self._return() + text)
+        self._width = len(text)
         self.stream.flush()
         self._drawn = True
+
+    def _return(self) -> str:
+        """Back to the start of the line and clear it (a terminal escape only on a TTY:
+        a log of ``-p`` output gets carriage returns, as from ``qemu-img convert -p``)."""
+        if self.tty:
+            return "\r\x1b[K"
+        return "\r" + " " * self._width + "\r" if self._width else "\r"
 
     def finish(self) -> None:
         if not self.enabled or (self._delay and not self._drawn):
             return  # off, or done before the delay: nothing was ever shown
         if self._erase:
-            self.stream.write("\r\x1b[K")
+            self.stream.write(self._return())
         else:
             self._draw(time.monotonic())
             self.stream.write("\n")

@@ -1,4 +1,5 @@
-"""The image as of a backup: a full backup plus the incrementals leading to it.
+"""Version-1 backup directories: the image as of a backup, a raw full backup plus the
+``.inc`` incrementals leading to it.
 
 :func:`resolve` walks ``parent`` links from a backup to its full backup and refuses a
 broken chain (missing record or file, size mismatch, loop).  :func:`image_map` turns the
@@ -17,8 +18,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from snapimg.backup import incfile
-from snapimg.backup.fileio import copy_range, extents, hash_zeroes
+from snapimg.backup.fileio import copy_range, extents
 from snapimg.backup.manifest import BackupRecord, Manifest
+from snapimg.digest import hash_zeroes
 from snapimg.errors import BackupError
 from snapimg.progress import Progress
 

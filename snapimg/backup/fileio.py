@@ -1,38 +1,23 @@
-"""File helpers for backups: atomic publishing, holes, sparse-aware reads."""
+"""File helpers for backups: fsync of files and directories, atomic publishing, holes."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
-import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
-ZERO_CHUNK = bytes(8 << 20)
-_ZERO = memoryview(ZERO_CHUNK)
-
-
-def hash_zeroes(h: hashlib._Hash, length: int) -> None:
-    """Feed ``length`` zero bytes into ``h``."""
-    while length > 0:
-        n = min(length, len(_ZERO))
-        h.update(_ZERO[:n])
-        length -= n
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    fsync_path(directory, directory=True)
 
 
 def publish(fd: int, tmp: Path, final: Path) -> None:
@@ -40,22 +25,6 @@ def publish(fd: int, tmp: Path, final: Path) -> None:
     os.fsync(fd)
     os.replace(tmp, final)
     fsync_dir(final.parent)
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) read as zeroes, freeing space where the FS can."""
-    if length <= 0:
-        return
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
-        return
-    err = ctypes.get_errno()
-    if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-        raise OSError(err, os.strerror(err))
-    done = 0
-    while done < length:
-        n = min(length - done, len(ZERO_CHUNK))
-        os.pwrite(fd, memoryview(ZERO_CHUNK)[:n], offset + done)
-        done += n
 
 
 def extents(fd: int, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
@@ -77,13 +46,6 @@ def extents(fd: int, offset: int, length: int) -> Iterator[tuple[int, int, bool]
         hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
         yield pos, hole - pos, True
         pos = hole
-
-
-def read_exact(fd: int, offset: int, length: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise OSError(errno.EIO, f"short read at {offset}: {len(data)} of {length} bytes")
-    return data
 
 
 def copy_range(src: int, dst: int, offset: int, length: int) -> int:

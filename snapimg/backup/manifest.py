@@ -1,9 +1,14 @@
-"""DIR/manifest.json: the list of backups in a backup directory (docs/backup.md).
+"""DIR/manifest.json: the list of backup points in a backup directory (docs/backup.md).
 
-The manifest is an object ``{"format": "snapimg-backup", "version": 1, "backups": [...]}``;
-``backups`` is a list, oldest first, of :class:`BackupRecord` objects.  It is only ever
-replaced atomically (temporary file, fsync, rename, fsync of the directory), so a reader
-sees either the old or the new list, never a mix.  Writers hold :func:`locked` on DIR.
+Version 2 (written by this snapimg): ``{"format": "snapimg-backup", "version": 2,
+"digest_rule": {"name": "sha256-pieces", "piece_size": 4194304}, "backups": [...]}``, each
+backup a qcow2 file with its ``digest`` and a piece digest file.  Version 1 (raw and
+``.inc`` files with a whole-image ``sha256``) is still read: restore, verify, ls/cat/inspect
+work on it, and ``backup``/``prune`` convert it (:mod:`snapimg.backup.migrate`).
+
+The manifest is only ever replaced atomically (temporary file, fsync, rename, fsync of the
+directory), so a reader sees either the old or the new list, never a mix.  Writers hold
+:func:`locked` on DIR.
 """
 
 from __future__ import annotations
@@ -19,20 +24,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 from snapimg.backup.fileio import fsync_dir
+from snapimg.digest import PIECE_SIZE, RULE_NAME, rule_json
 from snapimg.errors import BackupError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "snapimg-backup"
-VERSION = 1
+VERSION = 2
+LEGACY_VERSION = 1
 LOCK_NAME = ".lock"
 
 Kind = Literal["full", "incremental"]
 _ID_RE = re.compile(r"^b(\d{4,})$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
 class BackupRecord:
-    """One backup: a full sparse raw image or an incremental over ``parent``."""
+    """One backup point.  Version 2: ``file`` is ``ID.qcow2`` (an incremental's backing
+    file is its parent's), ``digest`` the sha256-pieces image digest, ``pieces`` its piece
+    digest file; ``sha256`` (whole image) only when asked for.  Version 1: ``file`` is a raw
+    or ``.inc`` file and ``sha256`` is always there."""
 
     id: str
     parent: str | None
@@ -44,24 +55,27 @@ class BackupRecord:
     size: int  # size of the full image in bytes
     block_size: int
     bytes_written: int
-    sha256: str  # of the full image as of this backup
+    digest: str | None = None
+    pieces: str | None = None
+    sha256: str | None = None
     snapshot_kept: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in ("digest", "pieces", "sha256")}
 
     @classmethod
-    def from_json(cls, obj: Any) -> BackupRecord:
+    def from_json(cls, obj: Any, version: int) -> BackupRecord:
         if not isinstance(obj, dict):
             raise BackupError("manifest: a backup entry is not an object")
         try:
             rec = cls(**{k: obj[k] for k in _FIELDS if k in obj})
         except TypeError as err:
             raise BackupError(f"manifest: backup entry {obj.get('id')!r}: {err}") from None
-        rec._check()
+        rec._check(version)
         return rec
 
-    def _check(self) -> None:
+    def _check(self, version: int) -> None:
         if not isinstance(self.id, str) or not self.id or "/" in self.id:
             raise BackupError(f"manifest: bad backup id {self.id!r}")
         if self.kind not in ("full", "incremental"):
@@ -69,11 +83,21 @@ class BackupRecord:
         if (self.kind == "full") != (self.parent is None):
             raise BackupError(f"manifest: backup {self.id}: a {self.kind} backup with parent "
                               f"{self.parent!r}")
-        if not isinstance(self.file, str) or "/" in self.file or self.file.startswith("."):
-            raise BackupError(f"manifest: backup {self.id}: bad file name {self.file!r}")
+        for name in (self.file, self.pieces):
+            if name is not None and (not isinstance(name, str) or "/" in name
+                                     or name.startswith(".")):
+                raise BackupError(f"manifest: backup {self.id}: bad file name {name!r}")
         if not isinstance(self.size, int) or self.size < 0:
             raise BackupError(f"manifest: backup {self.id}: bad size {self.size!r}")
-        if not re.fullmatch(r"[0-9a-f]{64}", str(self.sha256)):
+        if version == LEGACY_VERSION:
+            if not _HEX64.fullmatch(str(self.sha256)):
+                raise BackupError(f"manifest: backup {self.id}: bad sha256 {self.sha256!r}")
+            return
+        if not _HEX64.fullmatch(str(self.digest)):
+            raise BackupError(f"manifest: backup {self.id}: bad digest {self.digest!r}")
+        if self.pieces is None:
+            raise BackupError(f"manifest: backup {self.id}: no piece digest file")
+        if self.sha256 is not None and not _HEX64.fullmatch(str(self.sha256)):
             raise BackupError(f"manifest: backup {self.id}: bad sha256 {self.sha256!r}")
 
 
@@ -83,15 +107,30 @@ _FIELDS = tuple(BackupRecord.__dataclass_fields__)
 @dataclass
 class Manifest:
     backups: list[BackupRecord] = field(default_factory=list)
+    version: int = VERSION
 
-    def get(self, backup_id: str) -> BackupRecord:
-        for rec in self.backups:
-            if rec.id == backup_id:
-                return rec
-        raise BackupError(f"no backup {backup_id!r} in the manifest")
+    @property
+    def legacy(self) -> bool:
+        """Version 1: raw and ``.inc`` files, whole-image sha256."""
+        return self.version == LEGACY_VERSION
 
     def find(self, backup_id: str) -> BackupRecord | None:
         return next((r for r in self.backups if r.id == backup_id), None)
+
+    def get(self, backup_id: str) -> BackupRecord:
+        rec = self.find(backup_id)
+        if rec is None:
+            ids = ", ".join(r.id for r in self.backups) or "none"
+            raise BackupError(f"no backup {backup_id!r} (the directory has: {ids})")
+        return rec
+
+    def point(self, backup_id: str | None) -> BackupRecord:
+        """``backup_id``, or the newest point when None."""
+        if backup_id is not None:
+            return self.get(backup_id)
+        if not self.backups:
+            raise BackupError("the directory holds no backups")
+        return self.backups[-1]
 
     def latest_of_snapshot(self, snapshot: str) -> BackupRecord | None:
         """The newest backup copied from ``snapshot`` (NAME@SNAP)."""
@@ -102,8 +141,11 @@ class Manifest:
         return f"b{max(numbers, default=0) + 1:04d}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION,
-                "backups": [r.to_json() for r in self.backups]}
+        obj: dict[str, Any] = {"format": FORMAT, "version": self.version}
+        if not self.legacy:
+            obj["digest_rule"] = rule_json()
+        obj["backups"] = [r.to_json() for r in self.backups]
+        return obj
 
 
 def load(directory: Path) -> Manifest:
@@ -121,10 +163,16 @@ def load(directory: Path) -> Manifest:
         raise BackupError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("backups"), list):
         raise BackupError(f"{path}: expected an object with a list 'backups'")
-    if obj.get("format", FORMAT) != FORMAT or obj.get("version", VERSION) != VERSION:
+    version = obj.get("version", LEGACY_VERSION)
+    if obj.get("format", FORMAT) != FORMAT or version not in (LEGACY_VERSION, VERSION):
         raise BackupError(f"{path}: unknown format {obj.get('format')!r} "
-                          f"version {obj.get('version')!r}")
-    manifest = Manifest([BackupRecord.from_json(o) for o in obj["backups"]])
+                          f"version {version!r}")
+    if version == VERSION:
+        rule = obj.get("digest_rule")
+        if rule != {"name": RULE_NAME, "piece_size": PIECE_SIZE}:
+            raise BackupError(f"{path}: unsupported digest_rule {rule!r} (this snapimg "
+                              f"knows {RULE_NAME} with pieces of {PIECE_SIZE} bytes)")
+    manifest = Manifest([BackupRecord.from_json(o, version) for o in obj["backups"]], version)
     ids = [r.id for r in manifest.backups]
     if len(set(ids)) != len(ids):
         raise BackupError(f"{path}: duplicate backup ids")
@@ -148,13 +196,30 @@ def save(directory: Path, manifest: Manifest) -> None:
 
 @contextlib.contextmanager
 def locked(directory: Path) -> Iterator[None]:
-    """Exclusive lock on a backup directory (one writer at a time); fails fast if taken."""
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    """Exclusive lock on a backup directory (one writer at a time); fails fast if taken.
+
+    The lock file exists only while a writer holds it: it is removed (still locked)
+    before the lock is released.  A writer that locked a file another one removed in
+    the meantime sees that the name no longer refers to its file, and tries again.
+    """
+    path = directory / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BackupError(f"{directory} is in use by another backup") from None
+            os.close(fd)
+            raise BackupError(f"{directory} is in use by another backup or prune") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         os.close(fd)

@@ -8,7 +8,6 @@ ranges written since an older snapshot (what an incremental copies).
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +16,7 @@ from xml.etree import ElementTree
 from xml.sax.saxutils import quoteattr
 
 from snapimg.errors import BackupError, SnapimgError, UsageError
+from snapimg.nbd.uri import unix_uri
 
 
 class SnapshotSource(Protocol):
@@ -31,6 +31,17 @@ class SnapshotSource(Protocol):
         ...
 
     def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]: ...
+
+
+def preflight(source: SnapshotSource, origin: str) -> None:
+    """Check, before anything is created, that ``source`` answers and has ``origin``."""
+    if isinstance(source, ControlSource):
+        origins = [str(e["name"]) for e in source.client.exports() if "@" not in e["name"]]
+        if origin not in origins:
+            raise UsageError(f"the server at {source.client.path} serves no origin "
+                             f"{origin!r} (it serves: {', '.join(origins) or 'none'})")
+    elif isinstance(source, QmpSource) and not source.qmp.exists():
+        raise UsageError(f"--qmp {source.qmp}: no such socket")
 
 
 class ControlSource:
@@ -77,6 +88,8 @@ class QmpSource:
         self.store_dir = store_dir
 
     def create(self, origin: str, snap: str) -> tuple[str, int]:
+        import asyncio
+
         from snapimg.backends.attach import attach
         from snapimg.backends.qsd.graph import COPY_GRANULARITY
 
@@ -85,6 +98,8 @@ class QmpSource:
         return result.uri, COPY_GRANULARITY
 
     def drop(self, origin: str, snap: str) -> bool:
+        import asyncio
+
         from snapimg.backends.attach import detach
 
         try:
@@ -149,7 +164,7 @@ class LibvirtSource:
         except self._libvirt.libvirtError as err:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise BackupError(f"libvirt backupBegin: {err.get_error_message()}") from None
-        return f"nbd+unix:///{self.disk}?socket={socket}", 64 * 1024
+        return unix_uri(self.disk, socket), 64 * 1024
 
     def drop(self, origin: str, snap: str) -> bool:
         """End the pull backup, but only if it is the one this source began."""

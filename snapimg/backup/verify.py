@@ -1,125 +1,178 @@
-"""Checking backups: while copying (read-back) and afterwards (sha256 of a chain).
+"""``snapimg verify``: recompute every point's digest from its files, and check them.
 
-While a backup copies, :class:`ReadBackVerifier` runs in its own thread and receives the
-image pieces in offset order: every chunk written to the backup file is read back from the
-file and compared byte for byte with what the snapshot served; with ``hash_stream`` the
-sha256 of the full image is computed over the read-back bytes (zero pieces, which the
-snapshot reported as zeroes and the backup file holds as holes, are hashed as zeroes).
-So the sha256 in the manifest is the sha256 of what was written, and it equals the
-sha256 of what the snapshot serves.  :func:`verify_backup` re-checks a backup in DIR
-later by rebuilding its image virtually (no temporary copy) and hashing it.
+Each qcow2 file is checked by ``qemu-img check``, and each point is read through QEMU
+(which follows the backing files) and hashed: holes and zero ranges cost nothing.  A
+point whose backing file is the point before it in the chain inherits that point's
+*recomputed* piece digests and hashes again only the pieces its own file holds
+(``qemu:allocation-depth`` 1): every data cluster of every file is read once, so a
+flipped byte anywhere in a backup's data changes the digest of the point that shows it.
+A point whose backing file is not a listed point (a prune that was interrupted) is
+hashed whole.  Version-1 directories are checked against their whole-image sha256.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import queue
-import threading
-from collections.abc import Callable
+import contextlib
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapimg.backup import chain
-from snapimg.backup.fileio import hash_zeroes
-from snapimg.backup.manifest import Manifest
-from snapimg.errors import BackupError
-from snapimg.progress import Progress
-
-_STOP = object()
+from snapimg.backup import chain, manifest, points, qemuimg
+from snapimg.backup.manifest import BackupRecord, Manifest
+from snapimg.backup.ranges import piece_regions
+from snapimg.digest import PIECE_SIZE, PieceDigests
+from snapimg.errors import BackupError, QemuError
 
 
-class ReadBackVerifier:
-    """Background thread: read back, compare and (optionally) hash, in image order."""
+@dataclass
+class PointReport:
+    id: str
+    file: str
+    expected: str
+    digest: str | None = None  # recomputed
+    check: qemuimg.CheckResult | None = None
+    problems: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    duration: float = 0.0
 
-    def __init__(self, fd: int, *, hash_stream: bool, max_chunk: int, depth: int,
-                 progress: Progress | None = None) -> None:
-        self.fd = fd
-        self.progress = progress  # advanced by this thread only
-        self.hash_stream = hash_stream
-        self._sha = hashlib.sha256()
-        self._pos: int | None = None
-        self._back = bytearray(max_chunk)
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self.verified_bytes = 0
-        self._thread = threading.Thread(target=self._run, name="backup-verify", daemon=True)
-        self._thread.start()
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
-    def put_data(self, offset: int, buf: bytearray, length: int, written: bool,
-                 release: Callable[[], None]) -> None:
-        """``buf[:length]``: what the snapshot served at ``offset``; ``written``: it went to
-        the file (else it was all zeroes).  ``release()`` is called once ``buf`` is done."""
-        self._check()
-        self._queue.put((offset, length, written, buf, release))
+    def line(self) -> str:
+        return f"{self.id}: {'; '.join(self.problems)}" if self.problems else f"{self.id}: ok"
 
-    def put_zero(self, offset: int, length: int) -> None:
-        """A run the snapshot reported as zeroes (not read, not written)."""
-        self._check()
-        self._queue.put((offset, length, False, None, None))
+    def to_json(self) -> dict[str, object]:
+        return {"id": self.id, "file": self.file, "ok": self.ok, "digest": self.digest,
+                "expected": self.expected,
+                "qemu_img_check": self.check.to_json() if self.check else None,
+                "problems": self.problems, "bytes_read": self.bytes_read,
+                "duration": round(self.duration, 3)}
 
-    def finish(self) -> str | None:
-        """Wait for the thread; raise on a mismatch; the stream sha256 if hashing."""
-        self._queue.put(_STOP)
-        self._thread.join()
-        self._check()
-        return self._sha.hexdigest() if self.hash_stream else None
 
-    def abort(self) -> None:
-        """Stop the thread after a failure elsewhere (pending pieces are dropped)."""
-        if self._thread.is_alive():
-            self._error = self._error or BackupError("aborted")
-            self._queue.put(_STOP)
-            self._thread.join()
+def verify(directory: Path, backup_id: str | None = None) -> list[PointReport]:
+    """Reports for every point (or ``backup_id`` alone); raises only when the directory
+    itself cannot be used."""
+    if not (directory / manifest.MANIFEST_NAME).is_file():
+        raise BackupError(f"{directory} is not a backup directory (no manifest.json)")
+    man = manifest.load(directory)
+    wanted = [man.get(backup_id)] if backup_id is not None else list(man.backups)
+    if man.legacy:
+        return [_verify_legacy(directory, man, rec) for rec in wanted]
+    return _Verifier(directory, man).run(wanted)
 
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
-            assert isinstance(item, tuple)
-            offset, length, written, buf, release = item
+class _Verifier:
+    def __init__(self, directory: Path, man: Manifest) -> None:
+        self.directory = directory
+        self.man = man
+        self.by_file = {r.file: r for r in man.backups}
+        self.computed: dict[str, PieceDigests | None] = {}  # None: could not be computed
+        self._backings: dict[str, BackupRecord | None] = {}
+        self._backing_names: dict[str, str | None] = {}
+
+    def run(self, wanted: list[BackupRecord]) -> list[PointReport]:
+        reports: dict[str, PointReport] = {}
+        for rec in self._order(wanted):
+            reports[rec.id] = self._point(rec)
+        return [reports[r.id] for r in wanted]
+
+    def _backing(self, rec: BackupRecord) -> BackupRecord | None:
+        """The listed point whose file is ``rec``'s backing file, if any."""
+        if rec.id not in self._backings:
+            name = qemuimg.backing_file(self.directory / rec.file)
+            self._backing_names[rec.id] = name
+            self._backings[rec.id] = self.by_file.get(name) if name else None
+        return self._backings[rec.id]
+
+    def _order(self, wanted: list[BackupRecord]) -> list[BackupRecord]:
+        """``wanted`` and the points they inherit from, each after its backing point."""
+        out: list[BackupRecord] = []
+        seen: set[str] = set()
+
+        def visit(rec: BackupRecord, depth: int) -> None:
+            if rec.id in seen or depth > len(self.man.backups):
+                return
+            seen.add(rec.id)
+            back = None
+            if (self.directory / rec.file).is_file():
+                with contextlib.suppress(QemuError):  # reported by _point
+                    back = self._backing(rec)
+            if back is not None:
+                visit(back, depth + 1)
+            out.append(rec)
+
+        for rec in wanted:
+            visit(rec, 0)
+        return out
+
+    def _point(self, rec: BackupRecord) -> PointReport:
+        t0 = time.monotonic()
+        assert rec.digest is not None
+        report = PointReport(rec.id, rec.file, rec.digest)
+        self.computed[rec.id] = None
+        path = self.directory / rec.file
+        if not path.is_file():
+            report.problems.append(f"file {rec.file} is missing")
+            return report
+        try:
+            report.check = qemuimg.check(path)
+            if not report.check.ok:
+                report.problems.append(f"qemu-img check: {report.check.message}")
+            back = self._backing(rec)
+            if rec.parent is not None and (back is None or back.id != rec.parent):
+                name = self._backing_names.get(rec.id) or "none"
+                report.problems.append(f"its backing file is {name}, not the file of its "
+                                       f"parent {rec.parent}")
+            base = self.computed.get(back.id) if back is not None else None
+            if back is not None and base is None:
+                report.problems.append(f"its backing point {back.id} could not be read")
+                return report
+            with points.opened(self.directory, rec, allocation_depth=base is not None) as rd:
+                regions = None if base is None else piece_regions(
+                    rd.top_ranges(0, rec.size), rec.size)
+                result = points.scan(rd, regions)
+        except (BackupError, QemuError) as err:
+            report.problems.append(str(err))
+            return report
+        digests = points.digests_of(rec.size, result, base)
+        self.computed[rec.id] = digests
+        report.digest = digests.image_digest()
+        report.bytes_read = result.bytes_read
+        if report.digest != rec.digest:
+            report.problems.append(f"digest {report.digest} does not match the manifest's "
+                                   f"{rec.digest}{_first_bad(self.directory, rec, digests)}")
+        else:
             try:
-                if self._error is None:
-                    self._one(offset, length, written, buf)
-            except BaseException as err:  # reported by the next put/finish
-                self._error = err
-            finally:
-                if release is not None:
-                    release()
-
-    def _one(self, offset: int, length: int, written: bool, buf: bytearray | None) -> None:
-        if self.hash_stream and self._pos is not None and offset != self._pos:
-            raise BackupError(f"internal: verifier got offset {offset}, expected {self._pos}")
-        self._pos = offset + length
-        self._check_piece(offset, length, written, buf)
-        if self.progress is not None:
-            self.progress.add(length)
-
-    def _check_piece(self, offset: int, length: int, written: bool,
-                     buf: bytearray | None) -> None:
-        if buf is None or not written:
-            if self.hash_stream:
-                hash_zeroes(self._sha, length)
-            return
-        back = memoryview(self._back)[:length]
-        if os.preadv(self.fd, [back], offset) != length:
-            raise BackupError(f"verification failed: short read-back at offset {offset}")
-        if not buf.startswith(back):
-            raise BackupError(f"verification failed: the backup file differs from the "
-                              f"snapshot at offset {offset} (+{length})")
-        self.verified_bytes += length
-        if self.hash_stream:
-            self._sha.update(back)
+                points.stored_pieces(self.directory, rec)
+            except BackupError as err:
+                report.problems.append(f"piece digest file: {err}")
+        report.duration = time.monotonic() - t0
+        return report
 
 
-def verify_backup(directory: Path, manifest: Manifest, backup_id: str) -> str:
-    """Rebuild the image of ``backup_id`` virtually, hash it, compare with the manifest."""
-    records = chain.resolve(directory, manifest, backup_id)
-    segments = chain.image_map(directory, records)
-    digest = chain.hash_segments(segments)
-    want = records[-1].sha256
-    if digest != want:
-        raise BackupError(f"backup {backup_id}: sha256 {digest} does not match the "
-                          f"manifest's {want}")
-    return digest
+def _first_bad(directory: Path, rec: BackupRecord, digests: PieceDigests) -> str:
+    try:
+        stored = points.stored_pieces(directory, rec)
+    except BackupError:
+        return ""
+    first = digests.first_difference(stored)
+    return "" if first is None else f" (first in the piece at offset {first * PIECE_SIZE})"
+
+
+def _verify_legacy(directory: Path, man: Manifest, rec: BackupRecord) -> PointReport:
+    """A version-1 point: the whole-image sha256 of its raw/.inc chain."""
+    t0 = time.monotonic()
+    assert rec.sha256 is not None
+    report = PointReport(rec.id, rec.file, rec.sha256)
+    try:
+        segments = chain.image_map(directory, chain.resolve(directory, man, rec.id))
+        report.digest = chain.hash_segments(segments)
+    except BackupError as err:
+        report.problems.append(str(err))
+    else:
+        if report.digest != rec.sha256:
+            report.problems.append(f"sha256 {report.digest} does not match the manifest's "
+                                   f"{rec.sha256}")
+    report.duration = time.monotonic() - t0
+    return report

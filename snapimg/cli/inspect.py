@@ -1,8 +1,8 @@
 """``snapimg inspect``, ``ls``, ``cat``, ``diff`` and ``checksum``: looking inside images.
 
 TARGET is a raw image path (other formats through qemu-storage-daemon), a snapimg store
-directory (``inspect`` only), or an NBD URI such as a live snapshot export.  JSON output
-follows docs/inspect-json.md.
+directory (``inspect`` only), an NBD URI such as a live snapshot export, or a backup
+directory (its newest point, or ``--backup ID``).  JSON output follows docs/inspect-json.md.
 """
 
 from __future__ import annotations
@@ -21,19 +21,25 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "inspect", help="show size, format, partitions, filesystems and allocation of a target"
     )
-    p.add_argument("target", metavar="TARGET", help="image path, store directory or nbd:// URI")
+    p.add_argument("target", metavar="TARGET",
+                   help="image path, store directory, backup directory or nbd:// URI")
+    _backup_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("ls", help="list a directory inside a FAT, ext or NTFS filesystem")
-    p.add_argument("target", metavar="TARGET[:PART]", help="image or nbd:// URI, optional :PART")
+    p.add_argument("target", metavar="TARGET[:PART]",
+                   help="image, backup directory or nbd:// URI, optional :PART")
     p.add_argument("path", metavar="PATH", nargs="?", default="/", help="directory (default /)")
+    _backup_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_ls)
 
     p = sub.add_parser("cat", help="write a file inside a FAT, ext or NTFS filesystem to stdout")
-    p.add_argument("target", metavar="TARGET[:PART]", help="image or nbd:// URI, optional :PART")
+    p.add_argument("target", metavar="TARGET[:PART]",
+                   help="image, backup directory or nbd:// URI, optional :PART")
     p.add_argument("path", metavar="PATH", help="file to print")
+    _backup_option(p)
     p.set_defaults(func=_cat)
 
     p = sub.add_parser(
@@ -47,9 +53,21 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_diff)
 
     p = sub.add_parser("checksum", help="digest of all bytes of a target, skipping holes")
-    p.add_argument("target", metavar="TARGET", help="image path or nbd:// URI")
-    p.add_argument("--algo", default="sha256", help="hashlib algorithm (default sha256)")
+    p.add_argument("target", metavar="TARGET",
+                   help="image path, backup directory or nbd:// URI")
+    _backup_option(p)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--algo", default="sha256", help="hashlib algorithm (default sha256)")
+    how.add_argument("--pieces", action="store_true",
+                     help="the sha256-pieces image digest that backups record "
+                          "(zero pieces cost nothing)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=_checksum)
+
+
+def _backup_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backup", metavar="ID",
+                   help="with a backup directory: this point (default: the newest)")
 
 
 def _dump(obj: Any) -> None:
@@ -61,10 +79,12 @@ def _inspect(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from snapimg.inspect.image import inspect_source
+    from snapimg.inspect.point import is_backup_dir
     from snapimg.inspect.report import render_inspect
     from snapimg.inspect.target import open_target
 
-    if Path(args.target).is_dir():
+    path = Path(args.target)
+    if path.is_dir() and args.backup is None and not is_backup_dir(path):
         from snapimg.inspect.store import inspect_store, render_store
 
         rep = inspect_store(Path(args.target))
@@ -73,7 +93,7 @@ def _inspect(args: argparse.Namespace) -> int:
         else:
             print(render_store(rep))
         return 0
-    with open_target(args.target) as src:
+    with open_target(args.target, args.backup) as src:
         rep = inspect_source(src)
     if args.json:
         _dump(rep)
@@ -88,7 +108,7 @@ def _ls(args: argparse.Namespace) -> int:
     from snapimg.inspect.target import open_target, split_part
 
     target, part = split_part(args.target)
-    with open_target(target) as src:
+    with open_target(target, args.backup) as src:
         tree = open_tree(src, part)
         top = tree.stat(args.path)
         entries = tree.listdir(args.path) if top.kind == "dir" else [top]
@@ -114,7 +134,7 @@ def _cat(args: argparse.Namespace) -> int:
     from snapimg.inspect.target import open_target, split_part
 
     target, part = split_part(args.target)
-    with open_target(target) as src:
+    with open_target(target, args.backup) as src:
         tree = open_tree(src, part)
         stream = tree.open(args.path)
         out = sys.stdout.buffer
@@ -167,18 +187,33 @@ def _run_diff(args: argparse.Namespace) -> int:
 
 
 def _checksum(args: argparse.Namespace) -> int:
-    from snapimg.inspect.checksum import check_algo, checksum
+    from snapimg.digest import rule_json
+    from snapimg.inspect.checksum import check_algo, checksum, pieces_digest
     from snapimg.inspect.target import open_target
     from snapimg.progress import Progress
 
-    check_algo(args.algo)
-    with open_target(args.target) as src:
+    if not args.pieces:
+        check_algo(args.algo)
+    with open_target(args.target, args.backup) as src:
+        size = src.size
         # a bar only for work that takes longer than a second, erased when done
-        progress = Progress("checksum", src.size, sys.stderr, delay=1.0, erase=True)
+        progress = Progress("checksum", size, sys.stderr, delay=1.0, erase=True)
         try:
-            digest = checksum(src, args.algo, progress.update)
+            if args.pieces:
+                digest = pieces_digest(src, progress.update)
+            else:
+                digest = checksum(src, args.algo, progress.update)
         finally:
             progress.finish()
+    if args.json:
+        obj: dict[str, Any] = {"target": args.target}
+        if args.backup is not None:
+            obj["backup"] = args.backup
+        obj |= {"size": size, "algo": "sha256-pieces" if args.pieces else args.algo,
+                "digest": digest}
+        if args.pieces:
+            obj["digest_rule"] = rule_json()
+        _dump(obj)
+        return 0
     print(f"{digest}  {args.target}")
     return 0
-

@@ -90,7 +90,7 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.Argument
 # Commands that clean up after SIGINT/SIGTERM (drop snapshots, remove temporary files,
 # stop daemons) and so must never be cut short; every other command is read-only or a
 # single request, and is ended by the watchdog if a C library blocks its reaction.
-_CLEANS_UP = ("serve", "backup", "restore", "demo", "attach", "detach")
+_CLEANS_UP = ("serve", "backup", "restore", "verify", "prune", "demo", "attach", "detach")
 _GRACE = 1.0  # seconds a command has to react to a signal before the watchdog ends it
 
 

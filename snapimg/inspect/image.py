@@ -48,6 +48,7 @@ def inspect_source(src: Source) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
         "target": src.name,
+        "backup": src.backup,
         "kind": "nbd" if isinstance(src, NbdSource) and src.format == "raw" else "image",
         "format": src.format,
         "virtual_size": src.size,

@@ -45,6 +45,7 @@ class Source(ABC):
     name: str
     size: int
     format: str  # "raw" for files and NBD exports; the image format for qemu-opened images
+    backup: str | None = None  # the backup point read, for a backup directory
 
     @abstractmethod
     def pread(self, offset: int, length: int) -> bytes:
@@ -54,7 +55,7 @@ class Source(ABC):
     def _extents_at(self, offset: int, length: int) -> list[Extent]:
         """Extents covering at least ``offset``, never running past ``offset + length``."""
 
-    def pread_into(self, offset: int, buf: bytearray, length: int) -> None:
+    def pread_into(self, offset: int, buf: bytearray | memoryview, length: int) -> None:
         """Read ``length`` bytes at ``offset`` into the start of ``buf``."""
         buf[:length] = self.pread(offset, length)
 
@@ -121,7 +122,7 @@ class FileSource(Source):
             data += more
         return data
 
-    def pread_into(self, offset: int, buf: bytearray, length: int) -> None:
+    def pread_into(self, offset: int, buf: bytearray | memoryview, length: int) -> None:
         """Straight into ``buf`` (no new pages to fault in, unlike a fresh ``bytes``)."""
         if offset < 0 or offset + length > self.size:
             raise DeviceError(f"{self.name}: read {offset}+{length} beyond the end ({self.size})")
@@ -184,7 +185,7 @@ class NbdSource(Source):
             raise DeviceError(f"{self.name}: read at {pos} failed: {err.string}") from None
         return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)  # libnbd: bytearray
 
-    def pread_into(self, offset: int, buf: bytearray, length: int) -> None:
+    def pread_into(self, offset: int, buf: bytearray | memoryview, length: int) -> None:
         """One copy fewer than ``pread``: libnbd's bytearray goes straight into ``buf``."""
         if length > MAX_REQUEST:
             super().pread_into(offset, buf, length)

@@ -34,13 +34,20 @@ def split_part(target: str) -> tuple[str, int | None]:
     return base, part
 
 
-def open_target(target: str) -> Source:
-    """Open an image path or NBD URI read-only (store directories: see :mod:`.store`)."""
+def open_target(target: str, backup: str | None = None) -> Source:
+    """Open an image path, NBD URI or backup point (a backup directory: its newest point,
+    or point ``backup``) read-only (store directories: see :mod:`.store`)."""
+    if backup is not None and is_nbd_uri(target):
+        raise UsageError("--backup goes with a backup directory, not an NBD URI")
     if is_nbd_uri(target):
         return NbdSource(target)
     path = Path(target)
     if not path.exists():
         raise UsageError(f"{target}: no such file, and not an nbd:// URI")
+    from snapimg.inspect.point import is_backup_dir, open_point
+
+    if backup is not None or is_backup_dir(path):
+        return open_point(path, backup)
     if path.is_dir():
         from snapimg.inspect.store import open_store_source
 

@@ -118,6 +118,39 @@ def test_checksum_equals_coreutils(tmp_path: Path, capsys: pytest.CaptureFixture
         assert err == ""  # not a TTY: quiet
 
 
+def _pieces_rule(path: Path) -> str:
+    """sha256-pieces written out from the contract: SHA-256 over the 4 MiB pieces' SHA-256."""
+    outer = hashlib.sha256()
+    with path.open("rb") as f:
+        while piece := f.read(4 * MiB):
+            outer.update(hashlib.sha256(piece).digest())
+    return outer.hexdigest()
+
+
+def test_checksum_pieces_is_one_digest_for_raw_qcow2_and_nbd(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], qsd_export: Any
+) -> None:
+    rnd = random.Random(6)
+    img = tmp_path / "a.img"
+    # data across piece boundaries, a whole-piece hole, allocated zeroes, a short last piece
+    _sparse(img, 26 * MiB + 512, [(4 * MiB - 7, rnd.randbytes(MiB)), (13 * MiB, bytes(MiB)),
+                                  (26 * MiB, rnd.randbytes(512))])
+    want = _pieces_rule(img)
+    qcow2 = tmp_path / "a.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, qcow2)
+    for target in (str(img), str(qcow2), qsd_export(img).uri):
+        assert main(["checksum", "--pieces", target]) == 0
+        assert capsys.readouterr().out == f"{want}  {target}\n"
+    assert main(["checksum", "--pieces", "--json", str(qcow2)]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "target": str(qcow2), "size": 26 * MiB + 512, "algo": "sha256-pieces", "digest": want,
+        "digest_rule": {"name": "sha256-pieces", "piece_size": 4 * MiB}}
+    assert main(["checksum", "--json", "--algo", "md5", str(img)]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "target": str(img), "size": 26 * MiB + 512, "algo": "md5",
+        "digest": run("md5sum", img).split()[0]}
+
+
 def test_checksum_unknown_algo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     img = tmp_path / "a.img"
     _sparse(img, MiB, [])
