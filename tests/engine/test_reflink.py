@@ -28,6 +28,7 @@ from snapimg.engine import Engine
 from snapimg.engine.compiled import REFLINK_ENV, CompiledDataPath
 from snapimg.engine.reflink import clones, file_extents
 from snapimg.engine.slots import SlotAllocator
+from snapimg.errors import UsageError
 
 SIZE = 10 * BS + 1000  # a partial last block
 CHILD = Path(__file__).with_name("kill_child.py")
@@ -400,3 +401,19 @@ def test_slot_allocator_gives_consecutive_slots(datapath: str) -> None:
         free = {s + i for s, c in alloc.runs() for i in range(c)}
         assert not free & used and free | used == set(range(alloc.end))
         assert not alloc.runs() or sum(alloc.runs()[-1]) < alloc.end
+
+
+def test_bad_reflink_setting_is_refused_before_anything_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, datapath: str
+) -> None:
+    """SNAPIMG_REFLINK is checked where the compiled data path is chosen, before the
+    store is touched; the Python data path, which never clones, does not read it."""
+    path = tmp_path / "disk.img"
+    make_image(path, SIZE)
+    monkeypatch.setenv(REFLINK_ENV, "sometimes")
+    if datapath == "python":
+        Engine.open(tmp_path / "store", {"disk": path}, BS).close()
+        return
+    with pytest.raises(UsageError, match="bad SNAPIMG_REFLINK 'sometimes': expected on, off"):
+        Engine.open(tmp_path / "store", {"disk": path}, BS)
+    assert not (tmp_path / "store").exists()
