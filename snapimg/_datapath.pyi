@@ -50,7 +50,14 @@ class Core:
         self, block_size: int, barrier: Barrier, sync_store: Callable[[], None]
     ) -> None: ...
     def add_origin(
-        self, fd: int, size: int, table: Table, is_block: bool, reflink: bool
+        self,
+        fd: int,
+        size: int,
+        table: Table,
+        is_block: bool,
+        reflink: bool,
+        copy_range: bool = ...,
+        clone_dirty: bool = ...,
     ) -> int: ...
     def set_store(self, data_fd: int, meta_fd: int) -> None: ...
     def note_pending(self) -> None: ...

@@ -4,7 +4,11 @@
  *
  * The block copy clones whole runs with FICLONERANGE where origin and store share a
  * filesystem that supports it (a first overwrite then costs metadata, not a data
- * copy), else copy_file_range (an in-kernel copy), else pread + pwrite.
+ * copy), else copy_file_range (an in-kernel copy), else pread + pwrite.  A run whose
+ * origin pages are dirty (or under writeback) in the page cache is copied, not cloned:
+ * a clone first writes those pages back and waits for the disk, a copy reads them from
+ * memory.  Where cloning is possible but off (SNAPIMG_REFLINK=off, or a dirty run),
+ * copy_file_range is not used either: on XFS and btrfs it clones too.
  */
 #define _GNU_SOURCE
 #include "datapath.h"
@@ -14,7 +18,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+
+#ifndef SYS_cachestat
+#define SYS_cachestat 451 /* Linux 6.5 */
+#endif
 
 int core_sync_store_fds(Core *c)
 {
@@ -112,6 +121,21 @@ static int fallback_errno(int err)
            err == ENOTTY || err == EBADF || err == ETXTBSY;
 }
 
+/* Whether a page of [off, off+len) of fd is dirty or under writeback in the page cache
+ * (cachestat, Linux 6.5); 0 where the kernel cannot tell. */
+static int range_dirty(int fd, uint64_t off, uint64_t len)
+{
+    struct {
+        uint64_t off, len;
+    } range = {off, len};
+    struct {
+        uint64_t cache, dirty, writeback, evicted, recently_evicted;
+    } st;
+    if (syscall(SYS_cachestat, fd, &range, &st, 0) != 0)
+        return 0;
+    return st.dirty || st.writeback;
+}
+
 /* Copy one run of n blocks from origin block b into store slot s. */
 static int copy_run(Core *c, COrigin *o, int sfd, uint64_t b, uint64_t s, uint64_t n)
 {
@@ -120,6 +144,11 @@ static int copy_run(Core *c, COrigin *o, int sfd, uint64_t b, uint64_t s, uint64
     uint64_t whole = len <= avail ? len : avail / bs * bs; /* clonable: whole blocks */
     int err;
     if (whole && atomic_load_explicit(&o->reflink, memory_order_relaxed)) {
+        if (!o->clone_dirty && range_dirty(o->fd, src, whole)) {
+            atomic_fetch_add_explicit(&c->dirty_runs, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&c->rw_runs, 1, memory_order_relaxed);
+            return copy_rw(o->fd, sfd, src, dst, len);
+        }
         struct file_clone_range r = {
             .src_fd = o->fd, .src_offset = src, .src_length = whole, .dest_offset = dst};
         if (ioctl(sfd, FICLONERANGE, &r) == 0) {
@@ -132,7 +161,7 @@ static int copy_run(Core *c, COrigin *o, int sfd, uint64_t b, uint64_t s, uint64
             return errno;
         atomic_store_explicit(&o->reflink, 0, memory_order_relaxed);
     }
-    if (!o->is_block) {
+    if (!o->is_block && o->copy_range) {
         err = copy_range(o->fd, sfd, src, dst, len);
         if (!err) {
             atomic_fetch_add_explicit(&c->copy_range_runs, 1, memory_order_relaxed);
@@ -203,12 +232,13 @@ static void Core_dealloc(Core *c)
 
 static PyObject *Core_add_origin(Core *c, PyObject *args, PyObject *kwds)
 {
-    static char *kw[] = {"fd", "size", "table", "is_block", "reflink", NULL};
-    int fd, is_block, reflink;
+    static char *kw[] = {"fd",         "size",        "table", "is_block", "reflink",
+                         "copy_range", "clone_dirty", NULL};
+    int fd, is_block, reflink, copy_range = 1, clone_dirty = 0;
     unsigned long long size;
     PyObject *table;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKO!pp", kw, &fd, &size, &TableType, &table,
-                                     &is_block, &reflink))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iKO!pp|pp", kw, &fd, &size, &TableType,
+                                     &table, &is_block, &reflink, &copy_range, &clone_dirty))
         return NULL;
     COrigin **grown = realloc(c->origins, sizeof(*grown) * (c->norigins + 1));
     if (!grown)
@@ -221,6 +251,8 @@ static PyObject *Core_add_origin(Core *c, PyObject *args, PyObject *kwds)
     o->size = size;
     o->is_block = is_block;
     atomic_store(&o->reflink, reflink && !is_block);
+    o->copy_range = copy_range;
+    o->clone_dirty = clone_dirty;
     Py_INCREF(table);
     o->table = (Table *)table;
     c->origins[c->norigins] = o;
@@ -312,9 +344,10 @@ static PyObject *Core_copy(Core *c, PyObject *args)
 static PyObject *Core_stats(Core *c, PyObject *unused)
 {
     (void)unused;
-    return Py_BuildValue("{sKsKsK}", "clone_runs", (unsigned long long)c->clone_runs,
+    return Py_BuildValue("{sKsKsKsK}", "clone_runs", (unsigned long long)c->clone_runs,
                          "copy_range_runs", (unsigned long long)c->copy_range_runs, "rw_runs",
-                         (unsigned long long)c->rw_runs);
+                         (unsigned long long)c->rw_runs, "dirty_runs",
+                         (unsigned long long)c->dirty_runs);
 }
 
 static PyObject *Core_reflink(Core *c, PyObject *arg)
@@ -332,7 +365,8 @@ extern PyObject *core_device(Core *c, PyObject *args, PyObject *kwds); /* device
 
 static PyMethodDef Core_methods[] = {
     {"add_origin", (PyCFunction)(void (*)(void))Core_add_origin, METH_VARARGS | METH_KEYWORDS,
-     "add_origin(fd, size, table, is_block, reflink) -> origin number"},
+     "add_origin(fd, size, table, is_block, reflink, copy_range=True, clone_dirty=False)"
+     " -> origin number"},
     {"set_store", (PyCFunction)Core_set_store, METH_VARARGS,
      "set_store(data_fd, meta_fd): the store files (-1: store I/O through Python)"},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "refuse I/O from now on"},

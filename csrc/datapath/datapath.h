@@ -75,6 +75,8 @@ typedef struct {
     uint64_t size;
     int is_block;
     _Atomic int reflink; /* 1: try FICLONERANGE into the store */
+    int copy_range;      /* 0: no copy_file_range (it would clone where cloning is off) */
+    int clone_dirty;     /* 1: clone runs with dirty pages too (SNAPIMG_REFLINK=always) */
     Table *table;        /* strong reference */
 } COrigin;
 
@@ -91,6 +93,7 @@ typedef struct {
     COrigin **origins;
     size_t norigins;
     _Atomic uint64_t clone_runs, copy_range_runs, rw_runs;
+    _Atomic uint64_t dirty_runs; /* runs copied, not cloned: the origin's pages were dirty */
 } Core;
 
 extern PyTypeObject CoreType;

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from snapimg.blockdev import Extent
 from snapimg.engine.barrier import BarrierContexts
 from snapimg.engine.datapath import DataPath, OpenOrigin
+from snapimg.engine.reflink import clones
 from snapimg.engine.snapshot import SnapshotState
 from snapimg.engine.state import StoreState
 from snapimg.engine.store import FileStore, Store
@@ -43,7 +44,9 @@ except ImportError:  # not built: the Python data path only
     _datapath = None
 
 ENV = "SNAPIMG_DATAPATH"
-REFLINK_ENV = "SNAPIMG_REFLINK"  # "off": never clone blocks (benchmarks compare)
+# "off": never clone blocks; "always": clone runs whose origin pages are dirty too (a
+# clone writes them back first); default "on": clone clean runs (benchmarks compare)
+REFLINK_ENV = "SNAPIMG_REFLINK"
 
 
 def available() -> bool:
@@ -52,7 +55,7 @@ def available() -> bool:
 
 def choose(requested: str | None) -> bool:
     """True for the compiled data path: ``requested``, else $SNAPIMG_DATAPATH, else
-    compiled where the extension is built."""
+    compiled where the extension is built (checks $SNAPIMG_REFLINK too)."""
     want = requested or os.environ.get(ENV) or "auto"
     if want == "python":
         return False
@@ -62,10 +65,20 @@ def choose(requested: str | None) -> bool:
                 f"{ENV}=compiled, but the C extension snapimg._datapath is not built "
                 "(reinstall snapimg with gcc and python3-dev present)"
             )
+        reflink_mode()
         return True
     if want == "auto":
+        if _datapath is not None:
+            reflink_mode()
         return _datapath is not None
     raise UsageError(f"bad {ENV} {want!r}: expected compiled or python")
+
+
+def reflink_mode() -> str:
+    mode = os.environ.get(REFLINK_ENV) or "on"
+    if mode not in ("on", "off", "always"):
+        raise UsageError(f"bad {REFLINK_ENV} {mode!r}: expected on, off or always")
+    return mode
 
 
 def table_class() -> Callable[[int], Table]:
@@ -136,23 +149,29 @@ class CompiledDataPath(DataPath):
         super().__init__(store, state, origins, strict, barrier)
         self.core: Core = _datapath.Core(self.block_size, barrier, self.sync_store)
         self._numbers: dict[str, int] = {}
-        reflink = os.environ.get(REFLINK_ENV, "on") != "off"
+        mode = reflink_mode()
+        wanted = mode != "off"
+        store_clones = isinstance(store, FileStore) and clones(store.path)
         for name, o in origins.items():
+            can = store_clones and self._same_filesystem(o) and not o.file.is_block
             self._numbers[name] = self.core.add_origin(
                 fd=o.file.fd,
                 size=o.file.size,
                 table=o.index.table,
                 is_block=o.file.is_block,
-                reflink=reflink and self._same_filesystem(o),
+                reflink=can and wanted,
+                copy_range=not can or wanted,  # copy_file_range clones where it can
+                clone_dirty=mode == "always",
             )
+            if can and wanted and isinstance(store, FileStore):
+                store.reserve_data = False  # clones replace preallocated space anyway
         self._bind_store()
         store.on_pending = self.core.note_pending
         if isinstance(store, FileStore):
             store.on_reopen = self._bind_store  # the log file is replaced at checkpoints
 
     def _same_filesystem(self, o: OpenOrigin) -> bool:
-        if not isinstance(self.store, FileStore):
-            return False
+        assert isinstance(self.store, FileStore)
         return os.fstat(self.store.data_fd).st_dev == os.fstat(o.file.fd).st_dev
 
     def _bind_store(self) -> None:
@@ -176,10 +195,14 @@ class CompiledDataPath(DataPath):
         self.core.copy(self._numbers[o.name], b, extents)
 
     def reflink(self, origin: str) -> bool:
-        """Whether copies of ``origin``'s blocks are clones (so far)."""
+        """Whether copies of ``origin``'s blocks are clones (so far; a run whose origin
+        pages are dirty in the page cache is copied all the same)."""
         return self.core.reflink(self._numbers[origin])
 
     def copy_stats(self) -> dict[str, int]:
+        """Block runs copied so far, by how: ``clone_runs`` (FICLONERANGE),
+        ``copy_range_runs`` (copy_file_range), ``rw_runs`` (read + write), of which
+        ``dirty_runs`` were not cloned because the origin's pages were dirty."""
         return self.core.stats()
 
     def compiled_origin(self, o: OpenOrigin) -> Device:

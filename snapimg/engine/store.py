@@ -306,6 +306,7 @@ class FileStore(Store):
         self._old_fds: list[int] = []
         self._reserved = 0  # the log file has space allocated up to here
         self._data_reserved = 0  # slots below this have space allocated
+        self.reserve_data = True  # off where copies are clones (they bring their space)
         self._synced = 0
         self._syncing = False
         self._sync_cond = threading.Condition()
@@ -365,7 +366,7 @@ class FileStore(Store):
             self.on_reopen()
 
     def _grown(self) -> None:
-        if self.slots.end > self._data_reserved:
+        if self.reserve_data and self.slots.end > self._data_reserved:
             self._reserve_data()
 
     def _reserve_data(self) -> None:
