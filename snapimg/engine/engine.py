@@ -76,6 +76,11 @@ class Engine:
         try:
             for name, path in origins.items():
                 files[name] = Origin(name, Path(path))
+                twin = next(
+                    (n for n, f in files.items() if n != name and f.same_file(files[name])), None
+                )
+                if twin is not None:
+                    raise UsageError(f"origins {twin!r} and {name!r} are the same image {path}")
             if store_dir is None:
                 state = StoreState(block_size) if table is None else StoreState(block_size, table)
                 store: Store = RamStore(block_size, fault)

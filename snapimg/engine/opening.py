@@ -72,6 +72,15 @@ def _check_identity(path: Path, state: StoreState, files: dict[str, Origin]) -> 
     for name, f in files.items():
         known = state.by_name.get(name)
         if known is None:
+            # A file the store knows under another name: writes through this name would
+            # bypass that origin's snapshots (silently wrong snapshots), so refuse.
+            fp = f.fingerprint(create_tag=False)
+            other = next((o for o in state.by_id.values() if o.fingerprint == fp), None)
+            if other is not None and other.name not in files:
+                raise StoreMismatchError(
+                    f"store {path} already holds {f.path} as origin {other.name!r}: "
+                    f"open it under that name, not {name!r}"
+                )
             continue
         if known.size != f.size:
             raise StoreMismatchError(

@@ -67,6 +67,11 @@ class Origin:
         self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
         self._ino = st.st_ino
 
+    def same_file(self, other: Origin) -> bool:
+        """Whether ``other`` is this very file (by device and inode, whatever its path)."""
+        a, b = os.fstat(self.fd), os.fstat(other.fd)
+        return (a.st_dev, a.st_ino, a.st_rdev) == (b.st_dev, b.st_ino, b.st_rdev)
+
     def fingerprint(self, create_tag: bool) -> str:
         if self.is_block:
             return f"blk:{os.path.realpath(self.path)}"

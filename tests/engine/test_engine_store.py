@@ -21,6 +21,7 @@ from snapimg.errors import (
     StoreError,
     StoreFormatError,
     StoreMismatchError,
+    UsageError,
 )
 
 
@@ -207,6 +208,11 @@ def test_wrong_origin(made_store: tuple[Path, Path, bytes], tmp_path: Path) -> N
     shorter.write_bytes(orig[:-1])
     _refused(store, {"disk": shorter}, StoreMismatchError, "size")
     _refused(store, {"disk": path}, StoreMismatchError, "block size", block_size=4096)
+    # the same file under another name would bypass disk's snapshots
+    _refused(store, {"again": path}, StoreMismatchError, "already holds .* as origin 'disk'")
+    link = tmp_path / "link.img"
+    os.link(path, link)
+    _refused(store, {"disk": path, "twin": link}, UsageError, "are the same image")
     with Engine.open(store, {"disk": path}) as eng:  # still fine with the right one
         assert eng.snapshot_device("disk", "s").pread(0, len(orig)) == orig
 
