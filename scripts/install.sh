@@ -15,6 +15,8 @@ APT_PACKAGES=(
   openssl
   # guest images: assembler, FAT tools, partitioning, filesystems
   nasm mtools dosfstools fdisk e2fsprogs ntfs-3g cpio
+  # loop-mounted XFS with reflinks for the crash recorder's clone tests (tests/crash)
+  xfsprogs
   # Python venv and building libvirt-python from source
   python3-venv python3-dev gcc pkg-config libvirt-dev
   # libvirt daemon for the VM rig (no libvirt-daemon-system: see docs/vmtests.md)
