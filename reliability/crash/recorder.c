@@ -61,7 +61,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static int log_fd = -1;
 static char root[PATH_MAX];
 static size_t root_len;
-static char mark[PATH_MAX];
+static char mark[2 * PATH_MAX + 2];
 static char drop_sync[256];
 
 typedef void *(*dlsym_fn)(void *, const char *);
@@ -91,7 +91,14 @@ __attribute__((constructor)) static void init(void) {
     if (!l || !r) return;
     if (!realpath(r, root)) return;
     root_len = strlen(root);
-    if (m) snprintf(mark, sizeof mark, "%s", m);
+    if (m) { /* as /proc/self/fd shows it: the directory resolved (the file may not exist) */
+        char dir[PATH_MAX], real_dir[PATH_MAX];
+        const char *slash = strrchr(m, '/');
+        snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - m) : 1, slash ? m : ".");
+        if (realpath(dir[0] ? dir : "/", real_dir))
+            snprintf(mark, sizeof mark, "%s/%s", strcmp(real_dir, "/") ? real_dir : "",
+                     slash ? slash + 1 : m);
+    }
     if (d) snprintf(drop_sync, sizeof drop_sync, "%s", d);
     REAL(int, open, const char *, int, ...);
     log_fd = real_open(l, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
