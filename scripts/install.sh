@@ -17,6 +17,8 @@ APT_PACKAGES=(
   nasm mtools dosfstools fdisk e2fsprogs ntfs-3g cpio
   # loop-mounted XFS with reflinks for the crash recorder's clone tests (tests/crash)
   xfsprogs
+  # C code under the fuzz harness with ASan/UBSan and libFuzzer coverage (tests/fuzz)
+  clang-14 libclang-rt-14-dev
   # Python venv and building libvirt-python from source
   python3-venv python3-dev gcc pkg-config libvirt-dev
   # libvirt daemon for the VM rig (no libvirt-daemon-system: see docs/vmtests.md)
