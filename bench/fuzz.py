@@ -57,8 +57,8 @@ def merge(target: str, grown: Path, base: Path) -> None:
     host = base / "merge-host"
     host.mkdir()
     cmd = [sys.executable, "-m", "reliability.fuzz.run", target, str(host), "-merge=1",
-           "-max_len=65536", str(committed), str(grown)]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True)
+           "-max_len=65536", f"-artifact_prefix={host}/", str(committed), str(grown)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, cwd=host)
 
 
 def main() -> None:
