@@ -232,9 +232,8 @@ def _simple(
     reqs = _take_pending(pending, handle)
     if error and error not in _NBD_ERRORS:
         raise WireError(f"error value {error} is not one the spec allows")
-    reads = {(r.cmd == p.NBD_CMD_READ, r.length) for r in reqs}
-    if not error and len(reads) > 1:
-        return None
+    if len({(r.cmd == p.NBD_CMD_READ, r.length) for r in reqs}) > 1:
+        return None  # which request it answers decides whether data follows: ambiguous
     req = reqs.pop(0)
     if not error and req.cmd == p.NBD_CMD_READ:
         data = out.need(req.length, "read data")

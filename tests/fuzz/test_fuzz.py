@@ -106,6 +106,20 @@ def test_oracles_catch_a_wrong_read_a_hang_and_a_logged_error(host: Host) -> Non
         host.log.records.clear()
 
 
+def test_reply_matching_stops_where_a_reused_handle_makes_it_ambiguous() -> None:
+    """Found by the fuzzer (corpus/transmission/crash-34ef0e6f...): a READ and a WRITE
+    with one handle, the WRITE's error reply first; crediting it to the READ made the
+    READ's data look like a malformed reply."""
+    sent = wire.request(p.NBD_CMD_READ, 1, 0, 8) + wire.request(
+        p.NBD_CMD_WRITE, 1, 1 << 40, 2, payload=b"xy"
+    )
+    got = p.simple_reply(p.NBD_EINVAL, 1) + p.simple_reply(0, 1) + b"8 bytes!"
+    assert wire.check_transmission(sent, got, structured=False) == 0
+    unique = sent[:8] + (2).to_bytes(8, "big") + sent[16:]  # the READ with handle 2
+    got = p.simple_reply(p.NBD_EINVAL, 1) + p.simple_reply(0, 2) + b"8 bytes!"
+    assert wire.check_transmission(unique, got, structured=False) == 2
+
+
 def test_oracles_catch_malformed_answers(host: Host) -> None:
     sent = seeds.transmission()["simple-origin"][1:]
     some = b"".join(p.simple_reply(0, h) for h in (2, 3, 4, 5, 6))
