@@ -6,33 +6,39 @@ asyncio streams over a socketpair; it may end or raise what the server treats as
 closed connection, nothing else, answer well-formed (:func:`wire.check_handshake`), log
 no error, and be done within :data:`DEADLINE`.
 
-``transmission-<server>``: byte 0 picks the export (bits 0-1: ``fuzz``, read-only
-``fuzz@s``, writable ``fuzz@w``), structured replies (bit 2), ``base:allocation`` (bit 3)
-and how much of the stream the handshake had read ahead (bits 4-7: 16 bytes each); the
-rest is the request stream.  A transmission server from
-:data:`TRANSMISSION_SERVERS` serves it on a socketpair: every complete request gets one
-well-formed reply (:func:`wire.check_transmission`), reads of ``fuzz@s`` return its
-creation content, no error is logged, the connection ends within :data:`DEADLINE` of the
-stream's end.  The compiled transmission path plugs in as another server: a function that
-starts serving a connected socket (leftover bytes, :class:`~snapimg.nbd.requests.Context`)
-and calls ``on_finish`` when the connection is over.
+``transmission-python`` (``snapimg.nbd.threaded``, plain connections) and
+``transmission-asyncio`` (``snapimg.nbd.transmission``, the path of TLS connections):
+byte 0 picks the export (bits 0-1: ``fuzz``, read-only ``fuzz@s``, writable ``fuzz@w``),
+structured replies (bit 2), ``base:allocation`` (bit 3) and how much of the stream the
+handshake had read ahead (bits 4-7: 16 bytes each); the rest is the request stream.
+A transmission server from :data:`TRANSMISSION_SERVERS` serves it on a socketpair:
+every complete request gets one well-formed reply (:func:`wire.check_transmission`),
+reads of ``fuzz@s`` return its creation content, no error is logged, the connection ends
+within :data:`DEADLINE` of the stream's end.  The compiled transmission path plugs in
+as another server: a function that starts serving a connected socket (leftover bytes,
+:class:`~snapimg.nbd.requests.Context`) and calls ``on_finish`` when the connection is
+over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from reliability.fuzz import wire
 from reliability.fuzz.host import Host
+from snapimg.nbd.exports import Export
 from snapimg.nbd.handshake import Session, negotiate
 from snapimg.nbd.requests import Context
 from snapimg.nbd.threaded import ThreadedTransmission
+from snapimg.nbd.transmission import Transmission
 
 DEADLINE = 1.0  # seconds an input may take once it was sent completely
 MAX_INPUT = 65536  # bytes: what -max_len allows (a socketpair buffers more)
@@ -53,7 +59,50 @@ def python_transmission(sock: socket.socket, leftover: bytes, ctx: Context,
     ThreadedTransmission(sock, leftover, ctx, on_finish, threads=2).start()
 
 
-TRANSMISSION_SERVERS: dict[str, StartServer] = {"python": python_transmission}
+_event_loop: list[asyncio.AbstractEventLoop] = []
+_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fuzz-io")
+_server_log = logging.getLogger("snapimg.nbd.server")
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    if not _event_loop:
+        _event_loop.append(asyncio.new_event_loop())
+        threading.Thread(target=_event_loop[0].run_forever, name="fuzz-loop", daemon=True).start()
+    return _event_loop[0]
+
+
+def asyncio_transmission(sock: socket.socket, leftover: bytes, ctx: Context,
+                         on_finish: Callable[[], None]) -> None:  # fmt: skip
+    """snapimg.nbd.transmission, the event-loop path TLS connections take (here on the
+    plain socket), with the server's stream limit and an executor for device calls."""
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=4 << 20, loop=loop)
+        reader.feed_data(leftover)  # before the socket's bytes, as after the handshake
+        protocol = asyncio.StreamReaderProtocol(reader)
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=sock)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        export = Export("fuzzed", ctx.dev)
+        session = Session(reader, writer, structured=ctx.structured, export=export,
+                          meta_export=export.name if ctx.base_allocation else None)  # fmt: skip
+        try:
+            await Transmission(session, _executor).run()
+        except Exception:
+            _server_log.exception("NBD connection failed")  # what NbdServer._accept does
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            on_finish()
+
+    asyncio.run_coroutine_threadsafe(serve(), _loop())
+
+
+TRANSMISSION_SERVERS: dict[str, StartServer] = {
+    "python": python_transmission,
+    "asyncio": asyncio_transmission,
+}
 EXPORTS = ("fuzz", "fuzz@s", "fuzz@w")
 
 

@@ -170,7 +170,7 @@ class Sent:
 def parse_requests(sent: bytes) -> list[tuple[int, Sent]]:
     """The requests a server reads from ``sent`` and must answer, as (handle, request):
     up to a bad magic, NBD_CMD_DISC or the end of the stream (an incomplete request or
-    payload is not answered)."""
+    payload is not answered; a WRITE over 32 MiB is answered EINVAL after its payload)."""
     inp = _Reader(sent)
     out: list[tuple[int, Sent]] = []
     while True:
@@ -183,8 +183,6 @@ def parse_requests(sent: bytes) -> list[tuple[int, Sent]]:
         if cmd == p.NBD_CMD_WRITE and inp.take(length) is None:
             return out
         out.append((handle, Sent(cmd, flags, offset, length)))
-        if cmd == p.NBD_CMD_WRITE and length > p.MAX_PAYLOAD:
-            return out  # answered with EINVAL, then the server disconnects
 
 
 ReadCheck = Callable[[int, bytes], str | None]  # (offset, data) -> complaint

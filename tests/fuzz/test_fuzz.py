@@ -34,7 +34,7 @@ def corpus(kind: str) -> list[bytes]:
     return [f.read_bytes() for f in files] + list(made.values())
 
 
-@pytest.mark.parametrize("target", ["handshake", "transmission-python"])
+@pytest.mark.parametrize("target", ["handshake", "transmission-python", "transmission-asyncio"])
 def test_corpus_replays(host: Host, target: str) -> None:
     t = targets.make_target(target, host)
     inputs = corpus("handshake" if target == "handshake" else "transmission")
@@ -45,7 +45,7 @@ def test_corpus_replays(host: Host, target: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["handshake", "transmission-python"])
+@pytest.mark.parametrize("target", ["handshake", "transmission-python", "transmission-asyncio"])
 def test_short_fuzz_run(tmp_path: Path, target: str) -> None:
     work = tmp_path / "corpus"
     work.mkdir()
