@@ -193,6 +193,8 @@ class CompiledDataPath(DataPath):
             super().copy_blocks(o, b, n, extents)
             return
         self.core.copy(self._numbers[o.name], b, extents)
+        assert isinstance(self.store, FileStore)  # (C copies only into a store's files)
+        self.store.data_written()  # strict mode syncs it before the record
 
     def reflink(self, origin: str) -> bool:
         """Whether copies of ``origin``'s blocks are clones (so far; a run whose origin

@@ -147,12 +147,12 @@ class DataPath:
         self.store.free(freed)
         return seq, freed
 
-    def log_meta(self, recs: list[R.Record]) -> None:
+    def log_meta(self, recs: list[R.Record], durable: bool = False) -> None:
         """A lifecycle change (barrier held exclusively, ``lock`` held): logged, and
-        durable in strict mode."""
+        durable in strict mode (``durable``: in every mode)."""
         try:
             seq, _ = self.log(recs)
-            if self.strict:
+            if self.strict or durable:
                 self.store.sync_upto(seq)
             if self.store.wants_checkpoint():
                 # no I/O in flight: compact the log

@@ -148,7 +148,13 @@ class Engine:
             rec = R.SnapRec(
                 o.entry.id, gen, time.time(), max_size, writable, on_full, True, 0.0, 0, snap, ""
             )
-            dp.log_meta([rec])
+            if self.strict:  # what the snapshot reads from the origin must survive power loss
+                try:
+                    o.file.datasync()
+                except OSError as err:
+                    raise StoreError(f"cannot flush origin {origin}: {err.strerror}") from err
+            # durable in every mode: after a power loss it is listed (invalid), not lost
+            dp.log_meta([rec], durable=True)
             return o.index.snaps[gen].info(self.block_size)
 
     def snapshots(self) -> list[SnapshotInfo]:
