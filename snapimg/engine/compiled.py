@@ -1,17 +1,18 @@
 """The compiled data path: C decides the common cases, the Python reference the rest.
 
 ``snapimg._datapath`` (csrc/datapath/, built by ``pip install``) serves origin and
-snapshot I/O without the GIL: the copy-before-write decision, the block copy, origin
-reads and writes, snapshot reads and block status, flushes, and a plain NBD
-connection's whole transmission phase.  It calls back into this module's slow paths,
-which run the reference methods of :class:`~snapimg.engine.datapath.DataPath`, where
-Python must decide: a copy to plan, allocate and record (store policies and the log
-stay in Python), snapshot writes and releases, snapshots with private or released
-blocks, a store without files (RAM store, injected faults).
+snapshot I/O without the GIL: the copy-before-write decision, the common first copy
+(slots, block copy, COPY record, table entries), origin reads and writes, snapshot
+reads and block status, flushes, and a plain NBD connection's whole transmission
+phase.  It calls back into this module's slow paths, which run the reference methods
+of :class:`~snapimg.engine.datapath.DataPath`, where Python must decide: other copies
+(older copies to keep, exclusions, limits reached, strict durability, copy timeouts),
+snapshot writes and releases, snapshots with private or released blocks, a store
+without files (RAM store, injected faults), failures.
 
-The block table lives in C (``_datapath.Table``), written by the index under the
-data path's lock and read by C without it; the protocol between the two (who holds
-which lock, what is published when) is in docs/architecture.md.
+The block table, the slot allocator and the record log's end live in C, shared with
+Python under the core's log lock; the protocol (who holds which lock, what is published
+when) is in docs/architecture.md.
 
 ``SNAPIMG_DATAPATH`` selects the data path: ``compiled`` (the default where the
 extension is built), or ``python`` (the reference implementation).
