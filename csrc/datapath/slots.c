@@ -12,6 +12,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* memmove of n runs (n may be 0 where the array is still NULL) */
+static void move_runs(SlotRun *dst, SlotRun *src, size_t n)
+{
+    if (n)
+        memmove(dst, src, n * sizeof(*dst));
+}
+
 /* Free runs [start, end), sorted by start, merged (never touching). */
 static size_t find_first_end_ge(Slots *s, uint64_t x) /* bisect_left(ends, x) */
 {
@@ -63,8 +70,7 @@ uint64_t slots_alloc(Slots *s, uint64_t n)
         start = s->runs[best].start;
         s->runs[best].start += n;
         if (s->runs[best].start == s->runs[best].end) {
-            memmove(&s->runs[best], &s->runs[best + 1],
-                    (s->nruns - best - 1) * sizeof(*s->runs));
+            move_runs(&s->runs[best], &s->runs[best + 1], s->nruns - best - 1);
             s->nruns--;
         }
     }
@@ -85,13 +91,13 @@ int slots_free(Slots *s, uint64_t start, uint64_t count)
             end = s->runs[j - 1].end;
     }
     if (end == s->end) { /* reaches the end: the area shrinks instead */
-        memmove(&s->runs[i], &s->runs[j], (s->nruns - j) * sizeof(*s->runs));
+        move_runs(&s->runs[i], &s->runs[j], s->nruns - j);
         s->nruns -= j - i;
         s->end = start;
     } else if (i < j) { /* replaces the runs [i, j) */
         s->runs[i].start = start;
         s->runs[i].end = end;
-        memmove(&s->runs[i + 1], &s->runs[j], (s->nruns - j) * sizeof(*s->runs));
+        move_runs(&s->runs[i + 1], &s->runs[j], s->nruns - j);
         s->nruns -= j - i - 1;
     } else { /* a new run at i */
         if (s->nruns == s->capruns) {
@@ -104,7 +110,7 @@ int slots_free(Slots *s, uint64_t start, uint64_t count)
             s->runs = grown;
             s->capruns = cap;
         }
-        memmove(&s->runs[i + 1], &s->runs[i], (s->nruns - i) * sizeof(*s->runs));
+        move_runs(&s->runs[i + 1], &s->runs[i], s->nruns - i);
         s->runs[i].start = start;
         s->runs[i].end = end;
         s->nruns++;
