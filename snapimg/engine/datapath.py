@@ -20,6 +20,8 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from snapimg.blockdev import Extent
@@ -104,6 +106,13 @@ class DataPath:
         """From now on I/O is refused (barrier held exclusively by the caller)."""
         self.closed = True
 
+    @contextmanager
+    def settled(self) -> Iterator[None]:
+        """The in-memory state complete and still (with ``lock`` held: callers reading
+        the index or counters, checkpoints); the compiled data path folds in what C
+        recorded meanwhile and holds C's installs off."""
+        yield
+
     def compiled_origin(self, o: OpenOrigin) -> Device | None:
         """The C device serving origin ``o`` (None: this data path has none)."""
         return None
@@ -156,7 +165,8 @@ class DataPath:
                 self.store.sync_upto(seq)
             if self.store.wants_checkpoint():
                 # no I/O in flight: compact the log
-                blob = b"".join(R.encode(r) for r in self.state.checkpoint_records())
+                with self.settled():
+                    blob = b"".join(R.encode(r) for r in self.state.checkpoint_records())
                 self.store.checkpoint(blob, clean=False)
         except OSError as err:
             raise StoreError(f"cannot record in the store: {err.strerror or err}") from err

@@ -23,7 +23,7 @@ from snapimg.engine.opening import open_file_store
 from snapimg.engine.origin import Origin
 from snapimg.engine.snapshot import SnapshotState
 from snapimg.engine.state import StoreState
-from snapimg.engine.store import Fault, RamStore, Store
+from snapimg.engine.store import Fault, FileStore, RamStore, Store
 from snapimg.engine.table import MAX_GEN
 from snapimg.errors import SnapshotError, StoreError, UsageError
 from snapimg.names import check_snapshot_name
@@ -68,8 +68,8 @@ class Engine:
             raise UsageError(f"bad cbw timeout {cbw_timeout!r}: expected 0 < seconds <= 3600")
         if durability not in ("default", "strict"):
             raise UsageError(f"bad durability {durability!r}: expected default or strict")
-        use_c = compiled.choose(datapath)
-        table = compiled.table_class() if use_c else None
+        parts = compiled.Parts(block_size) if compiled.choose(datapath) else None
+        table = parts.table if parts else None
         strict = durability == "strict"
         boot = boot_id or current_boot_id()
         files: dict[str, Origin] = {}
@@ -88,15 +88,16 @@ class Engine:
                     state.register(name, f.size, f.fingerprint(create_tag=False))
             else:
                 store, state = open_file_store(
-                    Path(store_dir), files, block_size, strict, boot, fault, table
+                    Path(store_dir), files, block_size, strict, boot, fault, table,
+                    parts.file_store if parts else FileStore,
                 )
         except BaseException:
             for f in files.values():
                 f.close()
             raise
         opened = {n: OpenOrigin(f, state.by_name[n]) for n, f in files.items()}
-        if use_c:
-            dp: DataPath = compiled.CompiledDataPath(store, state, opened, strict)
+        if parts:
+            dp: DataPath = compiled.CompiledDataPath(store, state, opened, strict, parts)
         else:
             dp = DataPath(store, state, opened, strict, Barrier())
         dp.cbw_timeout = cbw_timeout
@@ -158,7 +159,7 @@ class Engine:
             return o.index.snaps[gen].info(self.block_size)
 
     def snapshots(self) -> list[SnapshotInfo]:
-        with self.dp.lock:
+        with self.dp.lock, self.dp.settled():
             return [
                 s.info(self.block_size)
                 for o in self.origins.values()
@@ -177,7 +178,7 @@ class Engine:
     def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:
         o = self._origin(origin)
         bs = self.block_size
-        with self.dp.lock:
+        with self.dp.lock, self.dp.settled():
             s = self._snap(o, snap)
             self.dp.check_valid(s)
             runs = o.index.changed_blocks(s.gen)
@@ -200,7 +201,8 @@ class Engine:
                 self.store.sync()
                 for o in self.origins.values():
                     o.file.datasync()
-                blob = b"".join(R.encode(r) for r in self.state.checkpoint_records())
+                with dp.settled():
+                    blob = b"".join(R.encode(r) for r in self.state.checkpoint_records())
                 self.store.checkpoint(blob, clean=True)
             except OSError as err:
                 raise StoreError(f"cannot close store cleanly: {err.strerror or err}") from err

@@ -31,11 +31,12 @@ def open_file_store(
     boot: str,
     fault: Fault | None,
     table: Callable[[int], Table] | None = None,
+    store_class: Callable[[Path, int, bool, str, Fault | None], FileStore] = FileStore,
 ) -> tuple[FileStore, StoreState]:
     """Lock, read and check the store in ``path`` against ``files``, replay it, register
     new origins, then write a fresh checkpoint.  Nothing is written before every check
     passed."""
-    store = FileStore(path, block_size, strict, boot, fault)
+    store = store_class(path, block_size, strict, boot, fault)
     store.lock()
     try:
         state = StoreState(block_size) if table is None else StoreState(block_size, table)
