@@ -84,6 +84,8 @@ class SharedFileStore(FileStore):
     def append(self, blob: bytes) -> int:
         if not self.shared:
             return super().append(blob)
+        if self.strict:  # as FileStore._append: slot data durable before its record
+            self._sync_data()
         return self.core.append(blob)
 
     def _reserve_log(self) -> None:
