@@ -23,10 +23,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from snapimg.backends.base import ON_FULL_CHOICES, Backend, SnapshotInfo
+from snapimg.backends.base import Backend
 from snapimg.control.quiesce_notes import QuiesceNotes
 from snapimg.errors import ControlError, SnapimgError, SnapshotError
 from snapimg.names import shown
+from snapimg.snapinfo import ON_FULL_CHOICES, SnapshotInfo
 from snapimg.sockpath import prepare_unix_socket_path
 from snapimg.units import MAX_BYTES
 

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from snapimg.backends.base import ON_FULL_CHOICES, OnFull, SnapshotInfo
 from snapimg.engine import compiled
 from snapimg.engine import records as R
 from snapimg.engine.barrier import Barrier
@@ -27,6 +26,7 @@ from snapimg.engine.store import Fault, RamStore, Store
 from snapimg.engine.table import MAX_GEN
 from snapimg.errors import SnapshotError, StoreError, UsageError
 from snapimg.names import check_snapshot_name
+from snapimg.snapinfo import ON_FULL_CHOICES, OnFull, SnapshotInfo
 from snapimg.units import check_block_size, check_max_size
 
 Durability = Literal["default", "strict"]
