@@ -24,7 +24,7 @@ from snapimg.engine.snapshot import SnapshotState
 from snapimg.engine.state import StoreState
 from snapimg.engine.store import Fault, RamStore, Store
 from snapimg.engine.table import MAX_GEN
-from snapimg.errors import SnapshotError, StoreError, UsageError
+from snapimg.errors import EngineClosedError, SnapshotError, StoreError, UsageError
 from snapimg.names import check_snapshot_name
 from snapimg.snapinfo import ON_FULL_CHOICES, OnFull, SnapshotInfo
 from snapimg.units import check_block_size, check_max_size
@@ -206,4 +206,4 @@ class Engine:
 
     def _check_open(self) -> None:
         if self.dp.closed:
-            raise SnapshotError("engine is closed")
+            raise EngineClosedError("the engine is closed")

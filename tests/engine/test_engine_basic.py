@@ -11,6 +11,7 @@ from snapimg.blockdev import BlockDevice, Extent
 from snapimg.engine import Engine
 from snapimg.errors import (
     DeviceError,
+    EngineClosedError,
     OutOfRangeError,
     ReadOnlyError,
     ReleasedRangeError,
@@ -184,6 +185,10 @@ def test_devices_after_drop_and_close(image: tuple[Path, bytes], store_dir: Path
         origin.pwrite(0, b"x")
     with pytest.raises(DeviceError):
         origin.pread(0, 1)
+    with pytest.raises(EngineClosedError, match="^the engine is closed$"):
+        eng.create_snapshot("disk", "t")
+    with pytest.raises(EngineClosedError):
+        eng.drop_snapshot("disk", "s")
 
 
 def test_origins_share_one_store(tmp_path: Path) -> None:

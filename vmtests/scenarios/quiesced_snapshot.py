@@ -41,9 +41,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapimg.errors import VmError
 from vmtests.config import Settings
 from vmtests.controllers import Controller, device_id
+from vmtests.errors import VmError
 from vmtests.guests import linux_fs
 from vmtests.guests.linux import LinuxGuest
 from vmtests.libvirt_driver import LibvirtVm, NbdDisk
