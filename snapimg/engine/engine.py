@@ -141,7 +141,17 @@ class Engine:
             if gen > MAX_GEN:
                 raise SnapshotError(f"origin {origin} ran out of snapshot generations")
             rec = R.SnapRec(
-                o.entry.id, gen, time.time(), max_size, writable, on_full, True, 0.0, 0, snap, ""
+                origin=o.entry.id,
+                gen=gen,
+                created=time.time(),
+                max_size=max_size,
+                writable=writable,
+                on_full=on_full,
+                valid=True,
+                invalid_time=0.0,
+                preserved=0,
+                name=snap,
+                reason="",
             )
             dp.log_meta([rec])
             return o.index.snaps[gen].info(self.block_size)
@@ -160,7 +170,7 @@ class Engine:
         with dp.barrier.exclusive(), dp.lock:
             self._check_open()
             s = self._snap(o, snap)
-            dp.log_meta([R.GenRec(o.entry.id, s.gen)])
+            dp.log_meta([R.DropRec(o.entry.id, s.gen)])
         self.store.reclaim()  # outside the locks: hole punching may be slow
 
     def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:
