@@ -548,6 +548,7 @@ class DataPath:
         if b1 <= b0:
             return
         with self.barrier.exclusive(), self.lock:
+            self.check_io()
             self.check_valid(s)
             rel = R.RangeRec(
                 kind=R.Kind.RELEASE, origin=o.entry.id, gen=s.gen, block=b0, count=b1 - b0

@@ -33,6 +33,15 @@ Durability = Literal["default", "strict"]
 
 
 class Engine:
+    """Origins opened with their preservation store: the snapshot lifecycle and the
+    devices that serve origins and snapshots (docs/library-api.md).
+
+    Every method may be called from several threads at once.  Errors are
+    :mod:`snapimg.errors` classes, named per method below; an unknown origin or snapshot
+    is a :class:`SnapshotError` throughout.  After :meth:`close`, lifecycle calls raise
+    :class:`EngineClosedError` and device I/O fails with :class:`DeviceError` (EIO).
+    """
+
     def __init__(self, dp: DataPath) -> None:
         self.dp = dp
         self.store = dp.store
@@ -62,7 +71,14 @@ class Engine:
         $SNAPIMG_DATAPATH, else compiled where built).  ``cbw_timeout``: seconds an
         origin write waits for its copies into the store (None: as long as it takes;
         docs/library-api.md).  ``boot_id`` overrides the host's boot id and ``fault``
-        injects store I/O errors (both for tests)."""
+        injects store I/O errors (both for tests).
+
+        Raises :class:`UsageError` (a bad block size, durability, timeout or data path;
+        an origin that cannot be opened or is no regular file or block device),
+        :class:`StoreFormatError` (a truncated, corrupted or unknown store),
+        :class:`StoreMismatchError` (the store was made for another file or block size)
+        and :class:`StoreError` (the store is in use or cannot be created); a failing
+        open changes nothing."""
         check_block_size(block_size)
         if cbw_timeout is not None and not 0 < cbw_timeout <= 3600:
             raise UsageError(f"bad cbw timeout {cbw_timeout!r}: expected 0 < seconds <= 3600")
@@ -112,9 +128,13 @@ class Engine:
         raise SnapshotError(f"no snapshot {o.name}@{snap}")
 
     def origin_device(self, name: str) -> OriginDevice:
+        """The origin ``name`` as a device; :class:`SnapshotError` if there is none."""
         return OriginDevice(self.dp, self._origin(name))
 
     def snapshot_device(self, origin: str, snap: str) -> SnapshotDevice:
+        """Snapshot ``origin@snap`` as a device; :class:`SnapshotError` if there is none.
+        The device keeps serving that snapshot only: once it is dropped, its I/O fails
+        with :class:`SnapshotInvalidError` (even if a new snapshot takes the name)."""
         o = self._origin(origin)
         return SnapshotDevice(self.dp, o, self._snap(o, snap))
 
@@ -126,6 +146,13 @@ class Engine:
         writable: bool = False,
         on_full: OnFull = "invalidate",
     ) -> SnapshotInfo:
+        """Snapshot ``origin`` now, as ``snap``: atomic with respect to writes, copies
+        nothing (O(1)).
+
+        Raises :class:`UsageError` (a name against :mod:`snapimg.names`, a bad
+        ``on_full`` or ``max_size``), :class:`SnapshotError` (no such origin, the name
+        exists, the origin's generations are used up), :class:`EngineClosedError` and
+        :class:`StoreError` (the store cannot record it: no snapshot was made)."""
         o = self._origin(origin)
         check_snapshot_name(snap)
         if on_full not in ON_FULL_CHOICES:
@@ -157,6 +184,7 @@ class Engine:
             return o.index.snaps[gen].info(self.block_size)
 
     def snapshots(self) -> list[SnapshotInfo]:
+        """Every snapshot of every origin, oldest first per origin; raises nothing."""
         with self.dp.lock:
             return [
                 s.info(self.block_size)
@@ -165,6 +193,11 @@ class Engine:
             ]
 
     def drop_snapshot(self, origin: str, snap: str) -> None:
+        """Drop ``origin@snap`` and free the store space no other snapshot shares.
+
+        Raises :class:`SnapshotError` (no such origin or snapshot),
+        :class:`EngineClosedError` and :class:`StoreError` (the store cannot record it:
+        the snapshot stays)."""
         o = self._origin(origin)
         dp = self.dp
         with dp.barrier.exclusive(), dp.lock:
@@ -174,6 +207,11 @@ class Engine:
         self.store.reclaim()  # outside the locks: hole punching may be slow
 
     def changed_ranges(self, origin: str, snap: str) -> list[tuple[int, int]]:
+        """(offset, length) ranges, block aligned and merged, written on the origin since
+        ``snap`` was created (a superset: blocks it released or wrote itself count too).
+
+        Raises :class:`SnapshotError` (no such origin or snapshot) and
+        :class:`SnapshotInvalidError` (the snapshot is invalid)."""
         o = self._origin(origin)
         bs = self.block_size
         with self.dp.lock:
@@ -184,11 +222,17 @@ class Engine:
         return [(b * bs, min(n * bs, size - b * bs)) for b, n in runs]
 
     def flush(self) -> None:
+        """Make the store, then every origin, durable.  Raises :class:`DeviceError`
+        (:class:`NoSpaceError` for ENOSPC) when the store cannot be synced and
+        :class:`OSError` when an origin cannot."""
         self.dp.sync_store()
         for o in self.origins.values():
             o.file.datasync()
 
     def close(self) -> None:
+        """Flush and write a clean checkpoint, then close the store and the origins;
+        idempotent.  Raises :class:`StoreError` when the store cannot be closed cleanly
+        (it is closed all the same; the next open replays its log)."""
         dp = self.dp
         with dp.barrier.exclusive(), dp.lock:
             if dp.closed:
