@@ -44,11 +44,12 @@ def all_writes_present(image: Path, last_gen: int, raw_sectors: int, file_kib: i
     return problems
 
 
-def snapshot_state(image: Path, gen_lo: int, gen_hi: int, raw_sectors: int) -> list[str]:
+def snapshot_state(image: Path, gen_lo: int, gen_hi: int, raw_sectors: int, file_kib: int,
+                   first_gen: int = 1) -> list[str]:
     """A snapshot taken while the writer was in generation gen_lo..gen_hi must show a state the
     disk passed through: whole stamps only, generations G then G-1 along the region (the
-    writer goes in LBA order; only the chunk in flight may mix), gen_lo-1 <= G-1, G <= gen_hi,
-    and a FAT that mtools reads."""
+    writer goes in LBA order; only the chunk in flight may mix), gen_lo-1 <= G-1, G <= gen_hi;
+    and files as :func:`snapshot_files` says."""
     problems: list[str] = []
     start, _ = freedos.read_marker(image)
     try:
@@ -71,9 +72,47 @@ def snapshot_state(image: Path, gen_lo: int, gen_hi: int, raw_sectors: int) -> l
             problems.append(f"snapshot raw region: generation {newest} at LBA "
                             f"{start + last_new} after generation {oldest} at LBA "
                             f"{start + first_old} (not a state the disk passed through)")
+    return problems + snapshot_files(image, gen_lo, gen_hi, file_kib, first_gen)
+
+
+def snapshot_files(image: Path, gen_lo: int, gen_hi: int, file_kib: int,
+                   first_gen: int = 1) -> list[str]:
+    """The FAT of a snapshot taken while the writer was in generation gen_lo..gen_hi.
+
+    The root directory must be readable.  A file no generation of gen_lo..gen_hi writes must
+    hold exactly what the last generation before gen_lo wrote (complete and flushed before
+    the snapshot: DOS reported it done), or not exist when none wrote it.  A file of a
+    generation in flight may be in any state DOS passes through while writing and closing
+    it, including its directory entry written before its FAT chain (mtools then cannot
+    follow the chain): crash-consistent, not corrupt, so it is not checked."""
+    in_flight = {freedos.file_name(freedos.file_slot(g)) for g in range(gen_lo, gen_hi + 1)}
     try:
-        for name in freedos.fat_list(image):
-            freedos.fat_read(image, name)
+        names = freedos.fat_list(image)
     except VmError as err:
-        problems.append(f"snapshot FAT not readable: {err}")
+        return [f"snapshot FAT not readable (generations {gen_lo}..{gen_hi} in flight): {err}"]
+    problems: list[str] = []
+    for slot in range(freedos.FILE_SLOTS):
+        name = freedos.file_name(slot)
+        if name in in_flight:
+            continue
+        done = [g for g in range(first_gen, gen_lo) if freedos.file_slot(g) == slot]
+        if not done:
+            if name in names:
+                problems.append(f"snapshot FAT: {name} exists, but no generation before "
+                                f"{gen_lo} wrote it and none of {gen_lo}..{gen_hi} was in "
+                                f"flight to write it")
+            continue
+        if name not in names:
+            problems.append(f"snapshot FAT: {name} missing (generation {done[-1]} wrote it "
+                            f"before the snapshot; files: {names})")
+            continue
+        try:
+            data = freedos.fat_read(image, name)
+        except VmError as err:
+            problems.append(f"snapshot FAT: {name} not readable (generation {done[-1]} "
+                            f"wrote it before the snapshot): {err}")
+            continue
+        if data != freedos.expected_file(done[-1], file_kib):
+            problems.append(f"snapshot FAT: {name} is not generation {done[-1]}'s content "
+                            f"(generations {gen_lo}..{gen_hi} in flight)")
     return problems

@@ -3,7 +3,8 @@
 Snapshots are taken while the guest writes, without pausing it, at several points of its
 work (inside raw writes, inside file writes).  Each snapshot, copied with ``qemu-img convert``,
 must be a state the disk really passed through: no stamp newer than the generation in flight
-at snapshot time, no torn sector, stamps in writer order, and a FAT that mtools reads.
+at snapshot time, no torn sector, stamps in writer order, every file finished before the
+snapshot exact (files of the generations in flight may be mid-write: checks.snapshot_files).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ async def run(rig: Rig) -> Result:
     for snap, uri, gen_lo, gen_hi in taken:
         copy = rig.workdir / f"{snap}.img"
         await nbd_copy(uri, copy)
-        problems = checks.snapshot_state(copy, gen_lo, gen_hi, RAW_SECTORS)
+        problems = checks.snapshot_state(copy, gen_lo, gen_hi, RAW_SECTORS, FILE_KIB,
+                                          FIRST_GEN)
         result.problems += [f"{snap}: {p}" for p in problems]
         result.facts[snap] = {"generation_in_flight": [gen_lo, gen_hi]}
         await rig.server.snapshot_drop(EXPORT, snap)
