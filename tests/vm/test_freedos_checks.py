@@ -79,31 +79,35 @@ def _finished(image: Path, gens: range, tmp_path: Path) -> None:
         _put_file(image, freedos.file_slot(gen), freedos.expected_file(gen, KIB), tmp_path)
 
 
-def test_snapshot_files_accepts_a_file_in_flight_mid_close(disk: Path, tmp_path: Path) -> None:
+def test_snapshot_state_accepts_a_file_in_flight_mid_close(disk: Path, tmp_path: Path) -> None:
+    _stamp(disk, 0, RAW, 3)                                   # generation 3's raw writes done
     _finished(disk, range(1, 3), tmp_path)                    # F1.DAT, F2.DAT done
     _dir_entry_before_fat(disk, freedos.file_slot(3), freedos.expected_file(3, KIB), tmp_path)
     with pytest.raises(VmError, match="Fat problem"):        # mtools cannot read F0.DAT
         freedos.fat_read(disk, "F0.DAT")
-    assert checks.snapshot_files(disk, 3, 3, KIB) == []
+    assert checks.snapshot_state(disk, 3, 3, RAW, KIB) == []
 
 
-def test_snapshot_files_rejects_a_file_no_generation_in_flight_wrote(disk: Path,
-                                                                   tmp_path: Path) -> None:
-    _finished(disk, range(1, 2), tmp_path)
+def test_snapshot_state_rejects_a_file_of_a_generation_not_begun(disk: Path,
+                                                                tmp_path: Path) -> None:
+    _stamp(disk, 0, RAW, 2)
+    _stamp(disk, 0, 100, 3)                                   # inside generation 3's raw writes
+    _finished(disk, range(1, 3), tmp_path)
     _dir_entry_before_fat(disk, freedos.file_slot(3), freedos.expected_file(3, KIB), tmp_path)
-    problems = checks.snapshot_files(disk, 2, 2, KIB)
-    assert any("F0.DAT exists, but no generation before 2" in p for p in problems), problems
+    problems = checks.snapshot_state(disk, 3, 3, RAW, KIB)
+    assert problems == ["snapshot FAT: F0.DAT exists, but no generation wrote it "
+                        "(generations 1..2 finished)"]
 
 
 def test_snapshot_files_rejects_finished_files_missing_or_stale(disk: Path,
                                                               tmp_path: Path) -> None:
     _finished(disk, range(1, 3), tmp_path)
-    assert checks.snapshot_files(disk, 3, 3, KIB) == []
+    assert checks.snapshot_files(disk, 2, 3, KIB) == []
     _put_file(disk, freedos.file_slot(2), freedos.expected_file(1, KIB), tmp_path)
-    problems = checks.snapshot_files(disk, 3, 3, KIB)
+    problems = checks.snapshot_files(disk, 2, 3, KIB)
     assert problems == ["snapshot FAT: F2.DAT is not generation 2's content "
-                        "(generations 3..3 in flight)"]
-    problems = checks.snapshot_files(disk, 4, 4, KIB)         # gen 3 wrote F0.DAT: missing
+                        "(generations 1..2 finished, 3's file in flight)"]
+    problems = checks.snapshot_files(disk, 3, None, KIB)     # gen 3 wrote F0.DAT: missing
     assert any("F0.DAT missing" in p for p in problems), problems
 
 

@@ -72,47 +72,54 @@ def snapshot_state(image: Path, gen_lo: int, gen_hi: int, raw_sectors: int, file
             problems.append(f"snapshot raw region: generation {newest} at LBA "
                             f"{start + last_new} after generation {oldest} at LBA "
                             f"{start + first_old} (not a state the disk passed through)")
-    return problems + snapshot_files(image, gen_lo, gen_hi, file_kib, first_gen)
+    # Where the writer was, from the stamps: inside generation G's raw writes (G and G-1
+    # mixed: every file before G finished), or past them (all G: G's file may be in flight
+    # if G had begun when the snapshot was taken; G < gen_lo: it had finished).
+    if newest != oldest or newest < gen_lo:
+        done_through, in_flight = newest - (newest != oldest), None
+    else:
+        done_through, in_flight = newest - 1, newest
+    return problems + snapshot_files(image, done_through, in_flight, file_kib, first_gen)
 
 
-def snapshot_files(image: Path, gen_lo: int, gen_hi: int, file_kib: int,
+def snapshot_files(image: Path, done_through: int, in_flight: int | None, file_kib: int,
                    first_gen: int = 1) -> list[str]:
-    """The FAT of a snapshot taken while the writer was in generation gen_lo..gen_hi.
+    """The FAT of a snapshot taken when the writer had finished generations up to
+    ``done_through`` (DOS reported their files closed and flushed) and possibly was writing
+    generation ``in_flight``'s file.
 
-    The root directory must be readable.  A file no generation of gen_lo..gen_hi writes must
-    hold exactly what the last generation before gen_lo wrote (complete and flushed before
-    the snapshot: DOS reported it done), or not exist when none wrote it.  A file of a
-    generation in flight may be in any state DOS passes through while writing and closing
-    it, including its directory entry written before its FAT chain (mtools then cannot
-    follow the chain): crash-consistent, not corrupt, so it is not checked."""
-    in_flight = {freedos.file_name(freedos.file_slot(g)) for g in range(gen_lo, gen_hi + 1)}
+    The root directory must be readable.  Every other file must hold exactly what the last
+    generation up to ``done_through`` wrote into it, or not exist when none did.  The file in
+    flight may be in any state DOS passes through while writing and closing it, including
+    its directory entry written before its FAT chain (mtools then cannot follow the chain):
+    crash-consistent, not corrupt, so it is not checked."""
+    skip = freedos.file_name(freedos.file_slot(in_flight)) if in_flight is not None else None
+    where = f"generations {first_gen}..{done_through} finished" + (
+        f", {in_flight}'s file in flight" if in_flight is not None else "")
     try:
         names = freedos.fat_list(image)
     except VmError as err:
-        return [f"snapshot FAT not readable (generations {gen_lo}..{gen_hi} in flight): {err}"]
+        return [f"snapshot FAT not readable ({where}): {err}"]
     problems: list[str] = []
     for slot in range(freedos.FILE_SLOTS):
         name = freedos.file_name(slot)
-        if name in in_flight:
+        if name == skip:
             continue
-        done = [g for g in range(first_gen, gen_lo) if freedos.file_slot(g) == slot]
+        done = [g for g in range(first_gen, done_through + 1) if freedos.file_slot(g) == slot]
         if not done:
             if name in names:
-                problems.append(f"snapshot FAT: {name} exists, but no generation before "
-                                f"{gen_lo} wrote it and none of {gen_lo}..{gen_hi} was in "
-                                f"flight to write it")
+                problems.append(f"snapshot FAT: {name} exists, but no generation wrote it "
+                                f"({where})")
             continue
         if name not in names:
-            problems.append(f"snapshot FAT: {name} missing (generation {done[-1]} wrote it "
-                            f"before the snapshot; files: {names})")
+            problems.append(f"snapshot FAT: {name} missing ({where}; files: {names})")
             continue
         try:
             data = freedos.fat_read(image, name)
         except VmError as err:
-            problems.append(f"snapshot FAT: {name} not readable (generation {done[-1]} "
-                            f"wrote it before the snapshot): {err}")
+            problems.append(f"snapshot FAT: {name} not readable ({where}): {err}")
             continue
         if data != freedos.expected_file(done[-1], file_kib):
             problems.append(f"snapshot FAT: {name} is not generation {done[-1]}'s content "
-                            f"(generations {gen_lo}..{gen_hi} in flight)")
+                            f"({where})")
     return problems
