@@ -55,3 +55,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[dev]"
   echo "$want" >"$stamp"
 fi
+# The wheel holds snapimg only: the VM rig (vmtests/), tests/ and bench/ are imported from
+# the checkout, which this puts on the virtualenv's path (python -m vmtests, bench/*.py).
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+echo "$root" >"$site/snapimg-checkout.pth"

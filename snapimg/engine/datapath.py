@@ -366,7 +366,12 @@ class DataPath:
         recs: list[R.Record] = []
         pos = 0
         for slot, count in extents:
-            recs.append(R.RunRec(R.Kind.COPY, o.entry.id, gen, b + pos, count, slot))
+            recs.append(
+                R.RunRec(
+                    kind=R.Kind.COPY, origin=o.entry.id, gen=gen, block=b + pos, count=count,
+                    slot=slot,
+                )
+            )
             pos += count
         try:
             seq, _ = self.log(recs)
@@ -387,7 +392,8 @@ class DataPath:
 
     def _invalidate(self, o: OpenOrigin, s: SnapshotState, reason: str) -> int:
         try:
-            seq, _ = self.log([R.InvalidateRec(o.entry.id, s.gen, time.time(), reason)])
+            rec = R.InvalidateRec(origin=o.entry.id, gen=s.gen, time=time.time(), reason=reason)
+            seq, _ = self.log([rec])
         except OSError as err:
             # Not recorded: the snapshot must stay valid, so the origin write may not run.
             raise DeviceError(
@@ -514,7 +520,11 @@ class DataPath:
             try:
                 self.store.write_slots(slot, buf)
                 with self.lock:
-                    seq, _ = self.log([R.RunRec(R.Kind.PRIVATE, o.entry.id, s.gen, b, 1, slot)])
+                    rec = R.RunRec(
+                        kind=R.Kind.PRIVATE, origin=o.entry.id, gen=s.gen, block=b, count=1,
+                        slot=slot,
+                    )
+                    seq, _ = self.log([rec])
             except OSError:
                 with self.lock:
                     self.store.free([slot])
@@ -548,8 +558,12 @@ class DataPath:
         if b1 <= b0:
             return
         with self.barrier.exclusive(), self.lock:
+            self.check_io()
             self.check_valid(s)
-            self.log_meta([R.RangeRec(R.Kind.RELEASE, o.entry.id, s.gen, b0, b1 - b0)])
+            rel = R.RangeRec(
+                kind=R.Kind.RELEASE, origin=o.entry.id, gen=s.gen, block=b0, count=b1 - b0
+            )
+            self.log_meta([rel])
         self.store.reclaim()
 
     def snap_flush(self) -> None:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapimg.engine import records
-from snapimg.engine.origin import fallocate, write_zeroes_fd
 from snapimg.engine.slots import SlotAllocator, merge_slots
 from snapimg.errors import StoreError, StoreFormatError
+from snapimg.fileio import fallocate, fsync_dir, write_zeroes_fd
 
 MAGIC = b"SNAPIMG\x00"
 VERSION = 1
@@ -153,14 +153,6 @@ def _intact_record_after(buf: bytes, start: int, scan: int = 1 << 20) -> bool:
         if records.decode_at(view, pos) is not None:
             return True
         pos += 1
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_dir_durable(path: Path) -> None:

@@ -395,7 +395,7 @@ def test_log_hole_after_host_restart_is_cut(tmp_path: Path, image: tuple[Path, b
 
     def unsynced_tail(buf: bytearray) -> None:
         # a lost page (garbage) followed by a surviving later record
-        later = records.encode(records.GenRec(1, 99))
+        later = records.encode(records.DropRec(1, 99))
         buf[end : end + 40 + len(later)] = b"\xff" * 40 + later
 
     _rewrite(store / "store.meta", unsynced_tail)
