@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Coverage-guided fuzzing of the NBD server's parsers (docs/fuzzing.md).
+"""Coverage-guided fuzzing of the NBD server's parsers and data paths (docs/fuzzing.md).
 
-For each target (handshake, transmission-python): atheris runs --runs inputs starting
-from the committed corpus (tests/fuzz/corpus/) and the seeds, while a second client
-writes and verifies data through the same server; afterwards the store is reopened and
-checked.  An input that fails is copied into tests/fuzz/corpus/ (a regression test from
-then on).  --save-corpus merges the new interesting inputs into the committed corpus.
+For each target (handshake, transmission-python, transmission-asyncio,
+transmission-compiled, lifecycle-compiled): atheris runs --runs inputs starting from the
+committed corpus (tests/fuzz/corpus/) and the seeds, while a second client writes and
+verifies data through the same server; afterwards the store is reopened and checked.
+The compiled targets run the C extension built with ASan, UBSan and libFuzzer's coverage
+(reliability/fuzz/sanitized.py) from a scratch copy of the package.  An input that fails
+is copied into tests/fuzz/corpus/ (a regression test from then on).  --save-corpus
+merges the new interesting inputs into the committed corpus.
 
 Prints with --json: {"targets": {NAME: {"inputs", "seconds", "exec_per_s", "coverage",
-"crashes", "server_errors", "second_client_ops", "second_client_mismatches",
-"final_check", "ok"}}, "ok": true|false}.
+"crashes", "server_errors", "sanitizer_reports", "sanitized", "second_client_ops",
+"second_client_mismatches", "final_check", "ok"}}, "ok": true|false}.
 Usage: bench/fuzz.py [--json] [--runs 1000000] [--targets handshake,transmission-python]
        [--save-corpus] [--workdir DIR]
 """
@@ -25,12 +28,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from reliability.fuzz import seeds, session
-from reliability.fuzz.targets import TRANSMISSION_SERVERS
+from reliability.fuzz import sanitized, seeds, session
+from reliability.fuzz.targets import DATAPATHS, TRANSMISSION_SERVERS
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "fuzz" / "corpus"
-TARGETS = ["handshake", *(f"transmission-{s}" for s in TRANSMISSION_SERVERS)]
+TARGETS = ["handshake", *(f"transmission-{s}" for s in TRANSMISSION_SERVERS),
+           "lifecycle-compiled"]  # fmt: skip
 
 
 def corpus_kind(target: str) -> str:
@@ -49,16 +53,16 @@ def work_corpus(target: str, into: Path) -> Path:
     return into
 
 
-def merge(target: str, grown: Path, base: Path) -> None:
+def merge(target: str, grown: Path, base: Path, env: dict[str, str]) -> None:
     """libFuzzer's -merge=1: keep the inputs of ``grown`` that add coverage to the committed
-    corpus."""
+    corpus (with ``env``: the C code's coverage counts too)."""
     committed = CORPUS / corpus_kind(target)
     committed.mkdir(parents=True, exist_ok=True)
     host = base / "merge-host"
     host.mkdir()
     cmd = [sys.executable, "-m", "reliability.fuzz.run", target, str(host), "-merge=1",
            "-max_len=65536", f"-artifact_prefix={host}/", str(committed), str(grown)]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, cwd=host)
+    subprocess.run(cmd, check=True, capture_output=True, cwd=host, env={**os.environ, **env})
 
 
 def main() -> None:
@@ -78,24 +82,33 @@ def main() -> None:
             if target not in TARGETS:
                 raise SystemExit(f"fuzz: unknown target {target!r}: expected one of {TARGETS}")
             corpus = work_corpus(target, base / f"{target}-corpus")
-            r = session.fuzz(target, args.runs, [corpus], base / target)
+            compiled = DATAPATHS.get(target) == "compiled"
+            if compiled and not (base / "sanitized").exists():
+                sanitized.build(base / "sanitized")
+            env = sanitized.environment(base / "sanitized") if compiled else {}
+            r = session.fuzz(target, args.runs, [corpus], base / target, env=env)
+            # the instrumented extension was the one the fuzzing process imported
+            instrumented = compiled and Path(r.extension) == sanitized.extension(base / "sanitized")
             for crash in r.crashes:  # keep it as a regression input
                 dest = CORPUS / corpus_kind(target)
                 dest.mkdir(parents=True, exist_ok=True)
                 shutil.copy(crash, dest / Path(crash).name)
             if args.save_corpus:
-                merge(target, corpus, base / target)
+                merge(target, corpus, base / target, env)
             out[target] = {
                 "inputs": r.inputs, "seconds": round(r.seconds, 1),
                 "exec_per_s": round(r.inputs / r.seconds) if r.seconds else 0,
                 "coverage": r.coverage, "crashes": r.crashes, "server_errors": r.server_errors,
+                "sanitizer_reports": len(r.sanitizer_reports), "sanitized": instrumented,
                 "second_client_ops": r.second_client.ops,
                 "second_client_mismatches": len(r.second_client.mismatches),
-                "final_check": r.final_check or "ok", "ok": r.ok,
+                "final_check": r.final_check or "ok", "ok": r.ok and instrumented == compiled,
             }  # fmt: skip
             print(f"{target}: {json.dumps(out[target])}", file=sys.stderr, flush=True)
-            if not r.ok:
+            if not out[target]["ok"]:
                 print(r.tail, file=sys.stderr)
+                for report in r.sanitizer_reports[:5]:
+                    print(f"sanitizer: {report}", file=sys.stderr)
                 for m in r.second_client.mismatches[:5]:
                     print(f"second client: {m}", file=sys.stderr)
     finally:

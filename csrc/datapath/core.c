@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -239,6 +240,27 @@ void core_grow_data(Core *c)
         if (fallocate(fd, 0, (off_t)start, (off_t)want) == 0) /* else: the copy fails */
             c->data_reserved = (start + want) / c->block_size;
     }
+    pthread_mutex_unlock(&c->grow_mu);
+}
+
+/* After Python freed slots (its reclaim): cut the data file at the allocator's end, which
+ * drops the preallocated reserve too.  The end is read and the file cut with the
+ * allocator locked: a C install allocates without any Python lock, and a slot it took
+ * after the end was read would otherwise lie beyond the cut, its copy lost. */
+static void core_shrink_data(Core *c)
+{
+    if (!c->slots)
+        return;
+    pthread_mutex_lock(&c->grow_mu);
+    pthread_mutex_lock(&c->slots->mu);
+    int fd = atomic_load(&c->data_fd);
+    uint64_t end = c->slots->end, size = end * c->block_size;
+    struct stat st;
+    int cut = fd >= 0 && (end < c->data_reserved ||
+                          (fstat(fd, &st) == 0 && (uint64_t)st.st_size > size));
+    if (cut && ftruncate(fd, (off_t)size) == 0) /* else the space stays; the slots are free */
+        c->data_reserved = end;
+    pthread_mutex_unlock(&c->slots->mu);
     pthread_mutex_unlock(&c->grow_mu);
 }
 
@@ -477,6 +499,13 @@ static PyObject *Core_grow_data(Core *c, PyObject *unused)
     Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+static PyObject *Core_shrink_data(Core *c, PyObject *unused)
+{
+    (void)unused;
+    Py_BEGIN_ALLOW_THREADS core_shrink_data(c);
+    Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
 static PyObject *Core_set_fast_install(Core *c, PyObject *arg)
 {
     int on = PyObject_IsTrue(arg);
@@ -572,6 +601,8 @@ static PyMethodDef Core_methods[] = {
      "set_slots(slots, prealloc): the store's slot allocator"},
     {"grow_data", (PyCFunction)Core_grow_data, METH_NOARGS,
      "allocate data-area space ahead of the allocator's end"},
+    {"shrink_data", (PyCFunction)Core_shrink_data, METH_NOARGS,
+     "cut the data file at the allocator's end (after slots were freed)"},
     {"set_fast_install", (PyCFunction)Core_set_fast_install, METH_O,
      "whether C installs first copies itself"},
     {"reflink", (PyCFunction)Core_reflink, METH_O, "whether copies of this origin clone"},

@@ -91,8 +91,10 @@ int slots_free(Slots *s, uint64_t start, uint64_t count)
             end = s->runs[j - 1].end;
     }
     if (end == s->end) { /* reaches the end: the area shrinks instead */
-        move_runs(&s->runs[i], &s->runs[j], s->nruns - j);
-        s->nruns -= j - i;
+        if (i < j) { /* (with no run at all, runs may be NULL: no &runs[i]) */
+            move_runs(&s->runs[i], &s->runs[j], s->nruns - j);
+            s->nruns -= j - i;
+        }
         s->end = start;
     } else if (i < j) { /* replaces the runs [i, j) */
         s->runs[i].start = start;

@@ -6,6 +6,8 @@ writes it), 1 MiB each with data and holes; snapshots ``fuzz@s`` (read-only: fuz
 of it must return its creation content however the origin is written), ``fuzz@w``
 (writable) and ``check@c``.  Log records that carry a traceback or are errors are kept
 in :attr:`Host.errors`: a server must never log one because of what a client sent.
+The engine runs on the data path a target asks for (``datapath``: "compiled", "python",
+or None for $SNAPIMG_DATAPATH, else compiled where built).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def origin_content(name: str) -> bytes:
 
 
 class Host:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, datapath: str | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.content = {o: origin_content(o) for o in ("fuzz", "check")}
@@ -54,7 +56,7 @@ class Host:
             path = workdir / f"{o}.img"
             path.write_bytes(data)
             paths[o] = path
-        self.engine = Engine.open(workdir / "store", paths, BLOCK, "default")
+        self.engine = Engine.open(workdir / "store", paths, BLOCK, "default", datapath=datapath)
         self.exports = ExportTable()
         for o in paths:
             self.exports.add(o, self.engine.origin_device(o))

@@ -9,7 +9,8 @@ atheris' ``asan_with_fuzzer.so`` preloaded is then fuzzed coverage-guided under 
 UBSan (docs/fuzzing.md).  The snapimg.nbd and snapimg.engine modules are instrumented
 for coverage.  WORKDIR gets the host (``host-<pid>``: engine store, origin images,
 ``nbd.sock`` for a second client), ``ready`` (naming the host's directory) once serving,
-and ``stats.json`` every 1000 inputs (inputs run, server errors logged).  A
+and ``stats.json`` every 1000 inputs (inputs run, server errors logged, the file of the
+C extension this process imported).  A
 failing input ends the run the libFuzzer way: its traceback, the input saved by
 -artifact_prefix, a non-zero exit.  With -runs=N the last run checks the host once more.
 """
@@ -17,6 +18,7 @@ failing input ends the run the libFuzzer way: its traceback, the input saved by
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import shlex
@@ -28,7 +30,13 @@ from atheris.import_hook import instrument_imports
 
 with instrument_imports(include=["snapimg.nbd", "snapimg.engine"]):
     from reliability.fuzz.host import Host
-    from reliability.fuzz.targets import TRANSMISSION_SERVERS, FuzzFailure, Target, make_target
+    from reliability.fuzz.targets import (
+        DATAPATHS,
+        TRANSMISSION_SERVERS,
+        FuzzFailure,
+        Target,
+        make_target,
+    )
 
 
 def main() -> None:
@@ -42,13 +50,15 @@ def main() -> None:
     fixed = args[: len(args) - len(rest)]
     runs = next((int(a.split("=", 1)[1]) for a in rest if a.startswith("-runs=")), 0)
     stats = workdir / "stats.json"
+    spec = importlib.util.find_spec("snapimg._datapath")
+    extension = spec.origin if spec is not None else None
     made: list[Target] = []
 
     def target() -> Target:
         """The host and target, made at the first input: a libFuzzer merge's outer process
         runs none; each process has a host of its own (a store is locked while open)."""
         if not made:
-            host = Host(workdir / f"host-{os.getpid()}")
+            host = Host(workdir / f"host-{os.getpid()}", DATAPATHS.get(name))
             made.append(make_target(name, host))
             (workdir / "ready").write_text(str(host.workdir))
         return made[0]
@@ -58,7 +68,8 @@ def main() -> None:
         t.one_input(data)
         if t.inputs % 1000 == 0 or t.inputs == runs:
             tmp = stats.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"inputs": t.inputs, "server_errors": len(t.host.errors)}))
+            tmp.write_text(json.dumps({"inputs": t.inputs, "server_errors": len(t.host.errors),
+                                       "extension": extension}))  # fmt: skip
             os.replace(tmp, stats)
         if t.inputs == runs and (bad := t.host.snapshot_intact()):
             raise FuzzFailure(bad)

@@ -7,7 +7,8 @@ writes random data at random places, reads back and compares with its model; on
 ``check@c`` it reads and compares with the snapshot's creation content.  Fuzzed
 connections share the engine, its store and the server with it, so a request that
 corrupted anything beyond its own connection shows up here.  After the fuzzing process
-exited, the store is reopened: every snapshot valid, ``fuzz@s`` and ``check@c`` exact.
+exited, the store is reopened: the host's snapshots valid, ``fuzz@s`` and ``check@c``
+exact.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import nbd
 
-from reliability.fuzz.host import BLOCK, SIZE, origin_content
+from reliability.fuzz.host import BLOCK, SIZE, SNAPSHOTS, origin_content
 from snapimg.engine import Engine
 
 
@@ -81,6 +82,8 @@ class Result:
     coverage: str  # libFuzzer's last "cov: .. ft: .. corp: .." figures
     crashes: list[str]  # inputs saved by libFuzzer (crash-*, timeout-*, oom-*)
     server_errors: int
+    sanitizer_reports: list[str]  # first lines of ASan/UBSan reports in the output
+    extension: str  # the C extension the fuzzing process imported ("" if none)
     second_client: SecondClient
     final_check: str  # "" when the store reopened exact
     tail: str  # the fuzzing process's last lines of output
@@ -88,15 +91,16 @@ class Result:
     @property
     def ok(self) -> bool:
         return (self.returncode == 0 and not self.crashes and not self.server_errors
-                and not self.second_client.mismatches and self.second_client.ops > 0
-                and not self.final_check)  # fmt: skip
+                and not self.sanitizer_reports and not self.second_client.mismatches
+                and self.second_client.ops > 0 and not self.final_check)  # fmt: skip
 
 
 def final_check(workdir: Path) -> str:
     paths = {o: workdir / f"{o}.img" for o in ("fuzz", "check")}
     try:
         with Engine.open(workdir / "store", paths, BLOCK) as eng:
-            invalid = [f"{i.origin}@{i.snap}" for i in eng.snapshots() if not i.valid]
+            names = [f"{i.origin}@{i.snap}" for i in eng.snapshots() if not i.valid]
+            invalid = [n for n in names if n in SNAPSHOTS]  # a target's own may reach limits
             if invalid:
                 return f"snapshots invalid after the session: {invalid}"
             for origin, snap in (("fuzz", "s"), ("check", "c")):
@@ -105,6 +109,10 @@ def final_check(workdir: Path) -> str:
     except Exception as err:
         return f"reopening the store failed: {type(err).__name__}: {err}"
     return ""
+
+
+# the first line of each report (ASan, LeakSanitizer, UBSan)
+SANITIZER_REPORT = re.compile(r"^.*(?:ERROR: (?:Address|Leak)Sanitizer|runtime error:).*$", re.M)
 
 
 def sanitizer_env() -> dict[str, str]:
@@ -161,7 +169,8 @@ def fuzz(target: str, runs: int, corpus: list[Path], workdir: Path, max_len: int
     crashes = sorted(str(p) for p in artifacts.iterdir())
     checked = final_check(host_dir) if host_dir else "the fuzzing process never served"
     return Result(target, rc, inputs, seconds, covs[-1] if covs else "", crashes,
-                  int(stats.get("server_errors", 0)), client, checked,
+                  int(stats.get("server_errors", 0)), SANITIZER_REPORT.findall(text),
+                  str(stats.get("extension") or ""), client, checked,
                   "\n".join(text.strip().splitlines()[-25:]))  # fmt: skip
 
 

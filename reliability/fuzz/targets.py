@@ -14,10 +14,16 @@ handshake had read ahead (bits 4-7: 16 bytes each); the rest is the request stre
 A transmission server from :data:`TRANSMISSION_SERVERS` serves it on a socketpair:
 every complete request gets one well-formed reply (:func:`wire.check_transmission`),
 reads of ``fuzz@s`` return its creation content, no error is logged, the connection ends
-within :data:`DEADLINE` of the stream's end.  The compiled transmission path plugs in
-as another server: a function that starts serving a connected socket (leftover bytes,
-:class:`~snapimg.nbd.requests.Context`) and calls ``on_finish`` when the connection is
-over.
+within :data:`DEADLINE` of the stream's end.
+
+``transmission-compiled``: the same inputs served by the C transmission
+(:class:`~snapimg.nbd.compiled.CompiledTransmission`, ``Device.serve`` in
+``csrc/datapath/conn.c``) over the engine's devices on the compiled data path, as the
+server serves plain connections (docs/fuzzing.md builds it under ASan and UBSan).
+
+A transmission server is a function that starts serving a connected socket (leftover
+bytes, :class:`~snapimg.nbd.requests.Context`) and calls ``on_finish`` when the
+connection is over; :data:`DATAPATHS` says which data path a target's engine runs.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from reliability.fuzz import wire
 from reliability.fuzz.host import Host
+from snapimg.blockdev import BlockDevice
+from snapimg.nbd.compiled import CompiledTransmission
 from snapimg.nbd.exports import Export
 from snapimg.nbd.handshake import Session, negotiate
 from snapimg.nbd.requests import Context
@@ -99,9 +107,25 @@ def asyncio_transmission(sock: socket.socket, leftover: bytes, ctx: Context,
     asyncio.run_coroutine_threadsafe(serve(), _loop())
 
 
+def compiled_transmission(sock: socket.socket, leftover: bytes, ctx: Context,
+                          on_finish: Callable[[], None]) -> None:  # fmt: skip
+    """snapimg.nbd.compiled, as the server runs it for a plain connection to an engine
+    export on the compiled data path: the connection's threads (four) are C's."""
+    CompiledTransmission(sock, leftover, ctx, on_finish).start()
+
+
 TRANSMISSION_SERVERS: dict[str, StartServer] = {
     "python": python_transmission,
     "asyncio": asyncio_transmission,
+    "compiled": compiled_transmission,
+}
+# The engine's data path per target, as the server pairs them (None: $SNAPIMG_DATAPATH,
+# else compiled where built): the threaded Python transmission serves the Python data
+# path, the C transmission only devices of the compiled one, TLS connections either.
+DATAPATHS: dict[str, str | None] = {
+    "transmission-python": "python",
+    "transmission-compiled": "compiled",
+    "lifecycle-compiled": "compiled",
 }
 EXPORTS = ("fuzz", "fuzz@s", "fuzz@w")
 
@@ -210,13 +234,19 @@ class TransmissionTarget(Target):
             return f"fuzz@s read at {offset} (+{len(data)}) returned other data"
         return None
 
+    def export(self, index: int) -> tuple[BlockDevice, wire.ReadCheck | None]:
+        """The device byte 0's bits 0-1 pick, and the check of what is read from it."""
+        name = EXPORTS[index % 3]
+        check = self._check_snapshot_read if name == "fuzz@s" else None
+        return self.host.device(name), check
+
     def run(self, data: bytes) -> None:
         if not data:
             return
         cfg, stream = data[0], data[1:]
-        name = EXPORTS[(cfg & 3) % 3]
+        device, check = self.export(cfg & 3)
         structured = bool(cfg & 4)
-        ctx = Context(self.host.device(name), structured, structured and bool(cfg & 8))
+        ctx = Context(device, structured, structured and bool(cfg & 8))
         split = min(len(stream), (cfg >> 4) * 16)  # bytes the handshake had read ahead
         ssock, csock = socket.socketpair()
         ssock.setblocking(True)
@@ -228,7 +258,6 @@ class TransmissionTarget(Target):
                 raise FuzzFailure(f"server threads still running {DEADLINE} s after the end")
         finally:
             csock.close()
-        check = self._check_snapshot_read if name == "fuzz@s" else None
         wire.check_transmission(stream, got, structured, check)
 
 
@@ -236,7 +265,16 @@ def make_target(name: str, host: Host) -> Target:
     if name == "handshake":
         return HandshakeTarget(host)
     server = name.removeprefix("transmission-")
+    want = DATAPATHS.get(name)
+    if want is not None and host.engine.datapath != want:
+        raise ValueError(f"fuzz target {name!r} needs an engine on the {want} data path, "
+                         f"this host's runs on the {host.engine.datapath} one")  # fmt: skip
     if name.startswith("transmission-") and server in TRANSMISSION_SERVERS:
         return TransmissionTarget(host, server)
-    known = ["handshake", *(f"transmission-{s}" for s in TRANSMISSION_SERVERS)]
+    if name == "lifecycle-compiled":
+        from reliability.fuzz.lifecycle import LifecycleTarget  # it builds on this module
+
+        return LifecycleTarget(host)
+    known = ["handshake", *(f"transmission-{s}" for s in TRANSMISSION_SERVERS),
+             "lifecycle-compiled"]  # fmt: skip
     raise ValueError(f"unknown fuzz target {name!r}: expected one of {known}")

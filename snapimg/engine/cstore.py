@@ -99,3 +99,9 @@ class SharedFileStore(FileStore):
             super()._grown()
         else:
             self.core.grow_data()
+
+    def _shrunk(self) -> None:
+        if not self.shared:
+            super()._shrunk()
+        else:  # C installs allocate without _slot_lock: C reads the end and cuts, locked
+            self.core.shrink_data()

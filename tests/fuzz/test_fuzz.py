@@ -14,6 +14,7 @@ import pytest
 
 from reliability.fuzz import seeds, session, targets, wire
 from reliability.fuzz.host import Host
+from snapimg.engine import compiled
 from snapimg.nbd import protocol as p
 from snapimg.nbd.requests import Context
 
@@ -22,10 +23,26 @@ Finish = Callable[[], None]
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
-    h = Host(tmp_path_factory.mktemp("fuzzhost"))
-    yield h
-    h.close()
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Host]]:
+    """A host per target's data path (targets.DATAPATHS), made when first asked for."""
+    made: dict[str | None, Host] = {}
+
+    def get(target: str) -> Host:
+        want = targets.DATAPATHS.get(target)
+        if want == "compiled" and not compiled.available():
+            pytest.skip("the C extension snapimg._datapath is not built")
+        if want not in made:
+            made[want] = Host(tmp_path_factory.mktemp("fuzzhost"), want)
+        return made[want]
+
+    yield get
+    for h in made.values():
+        h.close()
+
+
+@pytest.fixture
+def host(hosts: Callable[[str], Host]) -> Host:
+    return hosts("")
 
 
 def corpus(kind: str) -> list[bytes]:
@@ -34,8 +51,10 @@ def corpus(kind: str) -> list[bytes]:
     return [f.read_bytes() for f in files] + list(made.values())
 
 
-@pytest.mark.parametrize("target", ["handshake", "transmission-python", "transmission-asyncio"])
-def test_corpus_replays(host: Host, target: str) -> None:
+@pytest.mark.parametrize("target", ["handshake", "transmission-python", "transmission-asyncio",
+                                    "transmission-compiled"])  # fmt: skip
+def test_corpus_replays(hosts: Callable[[str], Host], target: str) -> None:
+    host = hosts(target)
     t = targets.make_target(target, host)
     inputs = corpus("handshake" if target == "handshake" else "transmission")
     for data in inputs:
