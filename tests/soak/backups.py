@@ -107,12 +107,14 @@ class Backups(threading.Thread, Actor):
             w.pending.add(keep)
         try:
             with w.gate.exclusive():
+                w.trace(f"gate {what}")
                 proc = subprocess.Popen(
                     [*SNAPIMG, "backup", "--control", str(w.control_path), *args],
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 )  # fmt: skip
                 name = self.wait_for_snapshot(proc, keep, what)
                 content = bytes(w.origin) if name else None
+                w.trace(f"gate open: {name} exists")
             with self.doing(what):
                 out, err = proc.communicate(timeout=1800)
             self.judge(what, proc.returncode, out, err, name, content, keep, since)
@@ -153,7 +155,10 @@ class Backups(threading.Thread, Actor):
             want["sha256"] = sha
         got = {k: result.get(k) for k in want}
         if got != want:
-            w.violations.add("backup", f"{what}: made {got}, the model says {want}")
+            expected = w.work / f"expected-{result.get('id')}.img"
+            expected.write_bytes(content)
+            w.violations.add("backup", f"{what}: made {got}, the model says {want} "
+                             f"(the model's image: {expected})")  # fmt: skip
             return
         self.points[result["id"]] = Point(sha, digest, snapshot)
         if keep is not None:

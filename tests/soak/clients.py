@@ -223,7 +223,9 @@ class Client(threading.Thread, Actor):
         with w.gate.shared():
             refusable = w.writes_may_be_refused()
             with w.origin_ranges.hold(off, off + n, True):
+                w.trace(f"{self.name} start {what}")
                 _, err = self.call(what, request)
+                w.trace(f"{self.name} done {what}: {err}")
                 if err is None:
                     w.origin[off : off + n] = data
                     w.stats.op(kind, written=n)

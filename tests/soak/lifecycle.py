@@ -78,6 +78,7 @@ class Lifecycle(threading.Thread, Actor):
         args += ["--writable"] if writable else []
         args += ["--max-size", str(max_size)] if max_size is not None else []
         with w.gate.exclusive():  # no origin write in flight: the model is the snapshot
+            w.trace(f"gate create {name}")
             if self.cli():
                 with self.doing(f"snapimg snapshot create {' '.join(args)}"):
                     proc = snapimg("snapshot", "create", "--control", w.control_path, *args)

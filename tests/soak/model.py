@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import nbd
 
@@ -45,17 +45,23 @@ def snapimg(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProc
 
 
 class Actor:
-    """A soak thread whose request in progress the watchdog can see."""
+    """A soak thread whose request in progress the watchdog can see; it remembers its
+    slowest one."""
 
     current: tuple[str, float] | None = None
+    slowest: tuple[float, str] = (0.0, "")
 
     @contextlib.contextmanager
     def doing(self, what: str) -> Iterator[None]:
-        self.current = (what, time.monotonic())
+        t0 = time.monotonic()
+        self.current = (what, t0)
         try:
             yield
         finally:
             self.current = None
+            took = time.monotonic() - t0
+            if took > self.slowest[0]:
+                self.slowest = (took, what)
 
 
 def blocks_of(off: int, n: int, bs: int) -> set[int]:
@@ -224,6 +230,13 @@ class World:
         self.abort = threading.Event()  # a hang or a dead server: stop checking, report
         self.counter = 0  # snapshot names
         self.pending: set[str] = set()  # snapshots a running backup may create
+        self.trace_file: TextIO | None = None  # --trace: every origin write and gate hold
+        self.trace_lock = threading.Lock()
+
+    def trace(self, line: str) -> None:
+        if self.trace_file is not None:
+            with self.trace_lock:
+                self.trace_file.write(f"{time.monotonic():.6f} {line}\n")
 
     def control(self) -> ControlClient:
         return ControlClient(self.control_path, timeout=600)
@@ -282,9 +295,26 @@ class World:
 
     def figures(self) -> dict[str, Any]:
         s = self.stats
+        ev = s.events
         return {
             "ops": dict(sorted(s.ops.items())),
             "expected_errors": dict(sorted(s.expected_errors.items())),
             "bytes_written": s.bytes_written,
             "bytes_read": s.bytes_read,
+            "snapshots": {
+                "created": ev["snapshots_created"],
+                "created_writable": ev["snapshots_created_writable"],
+                "created_max_size": ev["snapshots_created_max_size"],
+                "dropped": ev["snapshots_dropped"],
+                "released": ev["releases"],  # release commands that freed blocks
+                "invalidated": ev["snapshots_invalidated"],
+            },
+            "backups": {
+                "made": ev["backups_made"],
+                "full": ev["backups_full"],
+                "incremental": ev["backups_incremental"],
+                "kept": ev["backups_kept"],
+                "prunes": ev["prunes"],
+                "restored": ev["backups_restored"],
+            },
         }
