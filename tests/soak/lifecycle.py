@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -183,6 +184,7 @@ class Lifecycle(threading.Thread, Actor):
         their max size."""
         w = self.w
         before = {s.snap for s in w.live()} | set(w.pending)
+        asked = time.monotonic()
         with self.doing("control list_snapshots"):
             infos = w.control().list_snapshots()
         live = {s.snap: s for s in w.live()}
@@ -199,7 +201,7 @@ class Lifecycle(threading.Thread, Actor):
                 continue
             if not i.valid:
                 w.accept_invalid(s, i.reason or "", "snapshot list")
-            elif s.invalid_since is not None:
+            elif s.invalid_since is not None and s.invalid_since < asked:
                 w.violations.add("list", f"{s.export} is valid again after it was invalid")
             elif s.max_size is not None and i.preserved_bytes > s.max_size:
                 w.violations.add("list", f"{s.export} holds {i.preserved_bytes} bytes, "

@@ -1,18 +1,26 @@
 """The serve process's resources from /proc (resident memory, open file descriptors,
 threads), sampled every second, and the watchdog: a request, command or wait of any soak
 thread that has not ended within the hang timeout is a hang (the server's threads are
-dumped with gdb, the run is aborted)."""
+dumped with gdb, the run is aborted).
+
+Resident memory is judged by its level, not by single samples: a second in which many
+connections hold their request buffers at once (a backup's 4 MiB reads among the clients'
+1 MiB requests) lifts one sample by half, and the next is back.  Memory that is kept
+(a leak, an allocator holding freed memory) lifts the level: the median of every window
+after the warm-up is held against the median of the warm-up's second half."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.soak.model import Actor, World
 
@@ -51,15 +59,11 @@ class Sampler(threading.Thread):
         super().__init__(name="soak-sampler", daemon=True)
         self.world = world
         self.pid = pid
-        self.warmup_until = time.monotonic() + warmup  # the RSS baseline is taken then
+        self.warmup = warmup
         self.hang_timeout = hang_timeout
         self.actors = actors
         self.server_alive = server_alive
-        self.rss_baseline = 0  # the highest RSS of the warm-up: its working set
-        self.rss_peak = 0  # the highest after it
-        self.fds_peak = 0
-        self.threads_peak = 0
-        self.series: list[tuple[int, int, int, int]] = []  # every 30 s: s, RSS, fds, threads
+        self.samples: list[tuple[float, Usage]] = []  # (seconds since start, usage)
         self.done = threading.Event()  # set before the server is stopped on purpose
 
     def run(self) -> None:
@@ -74,17 +78,54 @@ class Sampler(threading.Thread):
             except (FileNotFoundError, ProcessLookupError):
                 continue
             now = time.monotonic()
+            self.samples.append((now - t0, u))
             with (self.world.work / "usage.csv").open("a") as f:  # every second
                 f.write(f"{now - t0:.0f},{u.rss_kib},{u.fds},{u.threads}\n")
-            if not self.series or now - t0 >= self.series[-1][0] + 30:
-                self.series.append((int(now - t0), u.rss_kib, u.fds, u.threads))
-            self.fds_peak = max(self.fds_peak, u.fds)
-            self.threads_peak = max(self.threads_peak, u.threads)
-            if now < self.warmup_until:
-                self.rss_baseline = max(self.rss_baseline, u.rss_kib)
-            else:
-                self.rss_peak = max(self.rss_peak, u.rss_kib)
             self.watch(now)
+
+    def rss(self, limit: float) -> dict[str, Any]:
+        """Resident memory in KiB: ``baseline`` (median of the warm-up's second half),
+        ``level`` (the highest median of a window of the warm-up's length after it),
+        ``peak`` (the highest sample after it), their ratios to the baseline; a violation
+        when ``level_ratio`` exceeds ``limit``."""
+        warm = [u.rss_kib for t, u in self.samples if self.warmup / 2 <= t < self.warmup]
+        after = [(t, u.rss_kib) for t, u in self.samples if t >= self.warmup]
+        window = max(self.warmup, 1.0)
+        windows: dict[int, list[int]] = {}
+        for t, r in after:
+            windows.setdefault(int((t - self.warmup) // window), []).append(r)
+        # a window needs half its samples (the last one may have just begun)
+        levels = [statistics.median(rs) for rs in windows.values() if len(rs) >= window / 2]
+        base = statistics.median(warm) if warm else 0
+        level = max(levels, default=0)
+        peak = max((r for _, r in after), default=0)
+        out = {
+            "baseline": base, "level": level, "peak": peak,
+            "level_ratio": round(level / base, 3) if base else None,
+            "peak_ratio": round(peak / base, 3) if base else None,
+        }  # fmt: skip
+        if not base or not levels or level > limit * base:
+            self.world.violations.add(
+                "rss", f"resident memory after the warm-up reached a level of {level} KiB "
+                f"(median of a {window:.0f} s window), {out['level_ratio']}x the {base} KiB "
+                f"of the warm-up (limit {limit}x)",
+            )  # fmt: skip
+        return out
+
+    def peaks(self) -> tuple[int, int]:
+        """The most file descriptors and threads seen."""
+        return (
+            max((u.fds for _, u in self.samples), default=0),
+            max((u.threads for _, u in self.samples), default=0),
+        )
+
+    def series(self, every: float = 30) -> list[dict[str, int]]:
+        out: list[dict[str, int]] = []
+        for t, u in self.samples:
+            if not out or t >= out[-1]["s"] + every:
+                out.append({"s": int(t), "rss_kib": u.rss_kib, "fds": u.fds,
+                            "threads": u.threads})  # fmt: skip
+        return out
 
     def watch(self, now: float) -> None:
         for actor in self.actors:
