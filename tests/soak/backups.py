@@ -143,6 +143,7 @@ class Backups(threading.Thread, Actor):
         keep: str | None, since: SnapModel | None,
     ) -> None:  # fmt: skip
         w = self.w
+        w.check_output(what, subprocess.CompletedProcess([], status, out, err))
         if status != 0 or content is None:
             w.violations.add("backup", f"{what}: exit {status}, snapshot {name!r}: {err}")
             return
@@ -169,6 +170,7 @@ class Backups(threading.Thread, Actor):
     def prune(self, keep_last: int) -> None:
         with self.doing(f"snapimg prune --keep-last {keep_last}"):
             proc = snapimg("prune", self.dir, "--keep-last", str(keep_last), "--json")
+        self.w.check_output("prune", proc)
         if proc.returncode != 0:
             self.w.violations.add("prune", f"prune --keep-last {keep_last}: {proc.stderr}")
             return
@@ -186,6 +188,7 @@ class Backups(threading.Thread, Actor):
         try:
             with self.doing(f"snapimg restore --backup {point}"):
                 proc = snapimg("restore", self.dir, "--backup", point, "--to", target)
+            self.w.check_output(f"restore {point}", proc)
             if proc.returncode != 0:
                 self.w.violations.add("restore", f"restore {point}: {proc.stderr}")
                 return False
@@ -207,6 +210,7 @@ class Backups(threading.Thread, Actor):
         restored = sum(self.restore(p) for p in listed if p in self.points)
         with self.doing("snapimg verify"):
             proc = snapimg("verify", self.dir, "--json")
+        self.w.check_output("verify", proc)
         verified = proc.returncode == 0
         if not verified:
             self.w.violations.add("verify", f"snapimg verify: exit {proc.returncode}: "

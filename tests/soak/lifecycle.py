@@ -83,6 +83,7 @@ class Lifecycle(threading.Thread, Actor):
             if self.cli():
                 with self.doing(f"snapimg snapshot create {' '.join(args)}"):
                     proc = snapimg("snapshot", "create", "--control", w.control_path, *args)
+                w.check_output("snapshot create", proc)
                 if proc.returncode != 0:
                     w.violations.add("create", f"snapshot create {args}: {proc.stderr}")
                     return
@@ -134,6 +135,7 @@ class Lifecycle(threading.Thread, Actor):
                         "snapshot", "release", "--control", w.control_path, s.export,
                         "--offset", str(off), "--length", str(length),
                     )  # fmt: skip
+                w.check_output("snapshot release", proc)
                 error = proc.stderr.strip() if proc.returncode else None
                 done = (blocks.start * w.bs, min(w.size, blocks.stop * w.bs) - blocks.start * w.bs)
             else:
@@ -166,6 +168,7 @@ class Lifecycle(threading.Thread, Actor):
             if self.cli():
                 with self.doing(f"snapimg snapshot drop {s.export}"):
                     proc = snapimg("snapshot", "drop", "--control", w.control_path, s.export)
+                w.check_output("snapshot drop", proc)
                 if proc.returncode != 0:
                     w.violations.add("drop", f"drop {s.export}: {proc.stderr}")
             else:

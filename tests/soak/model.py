@@ -25,6 +25,7 @@ from typing import Any, TextIO
 
 import nbd
 
+from snapimg.backends.base import SnapshotInfo
 from snapimg.control.client import ControlClient
 from tests.soak.locks import RangeLock, SharedExclusive
 
@@ -269,7 +270,7 @@ class World:
         a violation otherwise."""
         if snap.invalid_since is not None:
             return True
-        info = {i.snap: i for i in self.control().list_snapshots()}.get(snap.snap)
+        info = self.listed(snap)
         if info is None:
             self.violations.add("eio", f"{context}: EIO and {snap.export} is not listed")
             return False
@@ -277,6 +278,23 @@ class World:
             self.violations.add("eio", f"{context}: EIO but {snap.export} is valid")
             return False
         return self.accept_invalid(snap, info.reason or "", context)
+
+    def listed(self, snap: SnapModel) -> SnapshotInfo | None:
+        return {i.snap: i for i in self.control().list_snapshots()}.get(snap.snap)
+
+    def invalid_now(self, snap: SnapModel, context: str) -> bool:
+        """Whether the server lists ``snap`` invalid (for a reason its model allows)."""
+        if snap.invalid_since is not None:
+            return True
+        info = self.listed(snap)
+        return info is not None and not info.valid and self.accept_invalid(
+            snap, info.reason or "", context
+        )
+
+    def check_output(self, what: str, proc: subprocess.CompletedProcess[str]) -> None:
+        """A snapimg command that succeeded printed no traceback either."""
+        if "Traceback" in proc.stdout + proc.stderr:
+            self.violations.add("traceback", f"{what}: {proc.stderr[-3000:]}")
 
     def accept_invalid(self, snap: SnapModel, reason: str, context: str) -> bool:
         """The server lists ``snap`` invalid: right only for a snapshot with a max size
