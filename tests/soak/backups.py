@@ -17,6 +17,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.backup.helpers import sha256_file
 from tests.soak.model import (
     ORIGIN,
     SNAPIMG,
@@ -35,14 +36,6 @@ class Point:
     sha256: str
     digest: str
     snapshot: str
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Backups(threading.Thread, Actor):
@@ -192,7 +185,7 @@ class Backups(threading.Thread, Actor):
             if proc.returncode != 0:
                 self.w.violations.add("restore", f"restore {point}: {proc.stderr}")
                 return False
-            if file_sha256(target) != self.points[point].sha256:
+            if sha256_file(target) != self.points[point].sha256:
                 self.w.violations.add("restore", f"restore {point}: the image differs from "
                                       f"{self.points[point].snapshot} at its creation")  # fmt: skip
                 return False
