@@ -4,7 +4,8 @@ import os
 
 from setuptools import Extension, setup
 
-SOURCES = ["table.c", "barrier.c", "core.c", "device.c", "conn.c", "module.c"]
+SOURCES = ["table.c", "slots.c", "record.c", "barrier.c", "core.c", "device.c", "conn.c",
+           "module.c"]
 # SNAPIMG_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer
 # (scripts/sanitize.sh); the normal build is optimised.
 sanitize = os.environ.get("SNAPIMG_SANITIZE") == "1"

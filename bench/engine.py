@@ -13,7 +13,17 @@ in the timed phases; strict mode syncs the store before origin writes by design)
 origin needs at the default block size, measured on a real index filled for a sparse
 1 TiB origin.
 
-    .venv/bin/python bench/engine.py [--size 128M] [--repeat 3] [--dir /var/tmp] [--json]
+``--datapath`` picks the engines' data path (compiled, the default, or python).
+``reflink`` says whether the engines' copies were clones (FICLONERANGE: origin and
+store on one XFS or btrfs), from the compiled data path's counters, summed over all
+rounds in ``copies``.  ``fragmentation``: the cost reflinks move to the origin.  A
+fresh origin with one snapshot takes ``FRAG_WRITES`` random 4 KiB first overwrites,
+flushed every ``FRAG_FLUSH`` writes (as writeback would), and its extents are counted
+(FIEMAP, as ``filefrag``; null where the file system has none) before and after:
+every cloned block that is then overwritten in part splits the origin's extents.
+
+    .venv/bin/python bench/engine.py [--size 128M] [--repeat 3] [--dir /var/tmp]
+                                     [--datapath compiled|python] [--json]
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from snapimg.engine import Engine
+from snapimg.engine.compiled import CompiledDataPath
 from snapimg.engine.index import OriginIndex, pack
+from snapimg.engine.reflink import file_extents
 from snapimg.units import format_size, parse_size
 
 MIB = 1 << 20
@@ -101,7 +113,54 @@ def rand_writer(write: Writer, offsets: list[int], buf: bytes) -> Callable[[int]
     return job
 
 
-def one_round(root: Path, size: int, durability: Any) -> dict[str, float]:
+def extent_count(path: Path) -> int | None:
+    """How many extents the file has (None: the file system does not say)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return len(file_extents(fd))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def add_copies(copies: dict[str, int], eng: Engine) -> None:
+    """Add the engine's copy counters (compiled data path) to ``copies``."""
+    if isinstance(eng.dp, CompiledDataPath):
+        for k, v in eng.dp.copy_stats().items():
+            copies[k] = copies.get(k, 0) + v
+
+
+FRAG_WRITES = 2048
+FRAG_FLUSH = 64
+
+
+def fragmentation(root: Path, size: int, datapath: str) -> dict[str, Any]:
+    """Extents of an origin before and after random first overwrites under a snapshot."""
+    d = root / "frag"
+    d.mkdir()
+    make_file(d / "disk.img", size)
+    made = extent_count(d / "disk.img")
+    copies: dict[str, int] = {}
+    rnd = random.Random(11)
+    blocks = rnd.sample(range(size // BS), min(FRAG_WRITES, size // BS))
+    small = os.urandom(4096)
+    with Engine.open(d / "store", {"disk": d / "disk.img"}, datapath=datapath) as eng:
+        eng.create_snapshot("disk", "s")
+        dev = eng.origin_device("disk")
+        for i, b in enumerate(blocks):
+            dev.pwrite(b * BS + rnd.randrange(16) * 4096, small)
+            if i % FRAG_FLUSH == FRAG_FLUSH - 1:
+                eng.flush()
+        add_copies(copies, eng)
+    after = extent_count(d / "disk.img")
+    shutil.rmtree(d)
+    return {"writes": len(blocks), "made": made, "after": after, "copies": copies}
+
+
+def one_round(
+    root: Path, size: int, durability: Any, datapath: str, copies: dict[str, int]
+) -> dict[str, float]:
     """Fresh files for plain I/O and for engines with 0, 1 and 8 snapshots; every phase
     interleaves them.  Returns rates (bytes/s) by "<contender>_<phase>"."""
     for d in root.iterdir():
@@ -112,7 +171,12 @@ def one_round(root: Path, size: int, durability: Any) -> dict[str, float]:
         make_file(root / name / "disk.img", size)
     plain_fd = os.open(root / "plain" / "disk.img", os.O_RDWR)
     engines = {
-        n: Engine.open(root / n / "store", {"disk": root / n / "disk.img"}, durability=durability)
+        n: Engine.open(
+            root / n / "store",
+            {"disk": root / n / "disk.img"},
+            durability=durability,
+            datapath=datapath,
+        )
         for n in names[1:]
     }
     try:
@@ -149,6 +213,7 @@ def one_round(root: Path, size: int, durability: Any) -> dict[str, float]:
     finally:
         os.close(plain_fd)
         for eng in engines.values():
+            add_copies(copies, eng)
             eng.close()
 
 
@@ -182,13 +247,13 @@ def assoc_bytes_per_tib() -> int:
     return used
 
 
-def create_on_1tib_ms(root: Path) -> float:
+def create_on_1tib_ms(root: Path, datapath: str) -> float:
     """Milliseconds to create a snapshot of a sparse 1 TiB origin (file store)."""
     d = root / "tib"
     d.mkdir()
     with open(d / "disk.img", "wb") as f:
         f.truncate(1 << 40)
-    with Engine.open(d / "store", {"disk": d / "disk.img"}) as eng:
+    with Engine.open(d / "store", {"disk": d / "disk.img"}, datapath=datapath) as eng:
         t0 = time.perf_counter()
         eng.create_snapshot("disk", "s")
         took = time.perf_counter() - t0
@@ -203,23 +268,43 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where the files go (default: a tmp dir)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported")
     ap.add_argument("--no-strict", action="store_true", help="skip the strict-mode figures")
+    ap.add_argument(
+        "--datapath",
+        choices=["compiled", "python"],
+        default="compiled",
+        help="the engines' data path (default: compiled)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     size = max(MIB, parse_size(args.size) // MIB * MIB)
     root = Path(tempfile.mkdtemp(prefix="snapimg-bench-", dir=args.dir))
-    res: dict[str, Any] = {"size": size, "block_size": BS, "repeat": args.repeat}
+    res: dict[str, Any] = {
+        "size": size,
+        "block_size": BS,
+        "repeat": args.repeat,
+        "datapath": args.datapath,
+        "dir": str(Path(args.dir or tempfile.gettempdir()).resolve()),
+    }
+    copies: dict[str, int] = {}
     try:
         for mode in ["default"] if args.no_strict else ["default", "strict"]:
             pre = "" if mode == "default" else "strict_"
-            rounds = [one_round(root, size, mode) for _ in range(args.repeat)]
+            rounds = [
+                one_round(root, size, mode, args.datapath, copies) for _ in range(args.repeat)
+            ]
             per_round = [ratios(r) for r in rounds]
             for key in per_round[0]:
                 res[pre + key] = round(statistics.median(r[key] for r in per_round), 3)
             for key in sorted(rounds[0]):
                 med = statistics.median(r[key] for r in rounds)
                 res[f"{pre}{key}_mib_s"] = round(med / MIB, 1)
+        for d in root.iterdir():
+            shutil.rmtree(d)
+        res["reflink"] = copies.get("clone_runs", 0) > 0
+        res["copies"] = copies
+        res["fragmentation"] = fragmentation(root, size, args.datapath)
         res["assoc_bytes_per_tib"] = assoc_bytes_per_tib()
-        res["create_snapshot_1tib_ms"] = round(create_on_1tib_ms(root), 2)
+        res["create_snapshot_1tib_ms"] = round(create_on_1tib_ms(root, args.datapath), 2)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.json:

@@ -15,6 +15,11 @@ APT_PACKAGES=(
   openssl
   # guest images: assembler, FAT tools, partitioning, filesystems
   nasm mtools dosfstools fdisk e2fsprogs ntfs-3g cpio
+  # loop-mounted XFS with reflink: the reflink tests (mkfs.xfs, xfs_fsr) and the crash
+  # recorder's clone tests (tests/crash)
+  xfsprogs
+  # C code under the fuzz harness with ASan/UBSan and libFuzzer coverage (tests/fuzz)
+  clang-14 libclang-rt-14-dev
   # Python venv and building libvirt-python from source
   python3-venv python3-dev gcc pkg-config libvirt-dev
   # libvirt daemon for the VM rig (no libvirt-daemon-system: see docs/vmtests.md)
@@ -50,3 +55,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[dev]"
   echo "$want" >"$stamp"
 fi
+# The wheel holds snapimg only: the VM rig (vmtests/), tests/ and bench/ are imported from
+# the checkout, which this puts on the virtualenv's path (python -m vmtests, bench/*.py).
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+echo "$root" >"$site/snapimg-checkout.pth"

@@ -47,7 +47,8 @@ case "$loaded" in
 esac
 status=0
 # (not the README example: it runs as another user, on the normal build)
-"$python" -m pytest -q -p no:cacheprovider tests/engine tests/nbd/test_compiled.py tests/datapath \
+# (--capture=sys: a sanitizer's report, written to file descriptor 2, stays visible)
+"$python" -m pytest -q -p no:cacheprovider --capture=sys tests/engine tests/nbd/test_compiled.py tests/datapath \
     tests/interop --ignore tests/interop/test_readme_serving.py "$@" || status=$?
 if ls "$work"/asan.* "$work"/ubsan.* >/dev/null 2>&1; then
   cat "$work"/asan.* "$work"/ubsan.* 2>/dev/null >&2

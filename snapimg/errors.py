@@ -20,16 +20,21 @@ NBD server can map them onto the NBD error codes without knowing the engine::
      |    +-- StoreFormatError     truncated, corrupted or unknown-version store
      |    +-- StoreMismatchError   the store belongs to another origin
      +-- SnapshotError             snapshot lifecycle (unknown, duplicate name, ...)
+     +-- EngineClosedError         a lifecycle call on an engine that was closed
      +-- ImageInUseError           another QEMU or snapimg process holds the image's locks
      +-- ProtocolError             NBD wire protocol violations
      +-- ControlError              control socket: server not running, bad request
      +-- BackupError               backup directory: bad manifest, broken chain, failed verify
      +-- FilesystemError           a filesystem inside an image: missing, damaged, no such file
-     +-- QemuError                 QEMU / QMP failures (class, description, command)
+     +-- QemuError                 QEMU / QMP failures (error class, description, command)
      +-- QgaError                  the guest agent refused a command (its error class, desc,
      |    |                        command) or could not be reached
      |    +-- QgaTimeoutError      the guest agent did not answer within the timeout
-     +-- VmError                   the VM test rig (boot timeout, guest failure)
+
+Errors that stand for another program's refusal carry its data as fields (as qemu.qmp's
+``ExecuteError`` does): callers match on ``QemuError.error_class``/``desc``/``command``,
+never on the text, which is the one line a user sees.  The VM test rig has its own
+``vmtests.errors.VmError``, outside this tree.
 """
 
 from __future__ import annotations
@@ -99,6 +104,11 @@ class SnapshotError(SnapimgError):
     """Snapshot lifecycle errors: unknown snapshot, duplicate name, ..."""
 
 
+class EngineClosedError(SnapimgError):
+    """A snapshot lifecycle call on an engine that was closed (I/O on its devices fails
+    with a :class:`DeviceError`, EIO, instead)."""
+
+
 class ImageInUseError(SnapimgError):
     """An image is locked by another QEMU or snapimg process (:mod:`snapimg.imagelock`).
 
@@ -137,7 +147,25 @@ class FilesystemError(SnapimgError):
 
 
 class QemuError(SnapimgError):
-    """QEMU refused a QMP command or a QEMU process failed."""
+    """QEMU refused a QMP command or a QEMU process failed.
+
+    ``desc`` says what happened: QEMU's own description of a refused command, else
+    snapimg's.  ``error_class`` is the QMP error class of a refused command
+    (``GenericError``, ``DeviceNotFound``, ...), None for other failures; ``command`` the
+    QMP command that failed, if one did; ``where`` the QEMU process, if the message names
+    it.  The message: ``[WHERE: ][QMP error CLASS: ]DESC[ (command COMMAND)]``.
+    """
+
+    def __init__(self, desc: str, *, error_class: str | None = None,
+                 command: str | None = None, where: str | None = None) -> None:
+        self.desc = desc
+        self.error_class = error_class
+        self.command = command
+        self.where = where
+        text = f"QMP error {error_class}: {desc}" if error_class else desc
+        if command:
+            text += f" (command {command})"
+        super().__init__(f"{where}: {text}" if where else text)
 
 
 class QgaError(SnapimgError):
@@ -162,7 +190,3 @@ class QgaError(SnapimgError):
 
 class QgaTimeoutError(QgaError):
     """The guest agent did not answer a command within the timeout."""
-
-
-class VmError(SnapimgError):
-    """The VM test rig: a guest did not boot, timed out or reported failure."""

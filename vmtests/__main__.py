@@ -22,6 +22,7 @@ from pathlib import Path
 from snapimg.errors import SnapimgError
 from vmtests import config
 from vmtests.controllers import CONTROLLERS
+from vmtests.errors import VmError
 from vmtests.guests import freedos
 from vmtests.runner import run_scenario
 from vmtests.scenarios import SCENARIOS
@@ -60,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
                                           args.backend)
                     problems = result.problems
                     facts = result.facts
-                except SnapimgError as err:
+                except (SnapimgError, VmError) as err:
                     problems, facts = [str(err)], {}
             seconds = round(time.monotonic() - began, 1)
             ok = not problems
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.func(args)
         return status
-    except SnapimgError as err:
+    except (SnapimgError, VmError) as err:
         print(f"vmtests: {err}", file=sys.stderr)
         return 1
 

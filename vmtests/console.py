@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapimg.errors import VmError
+from vmtests.errors import VmError
 
 Pattern = str | re.Pattern[str]
 

@@ -28,8 +28,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
-from snapimg.errors import VmError
 from vmtests.controllers import Controller
+from vmtests.errors import VmError
 from vmtests.guests.linux import BootFiles
 
 URI = "qemu:///system"

@@ -27,10 +27,12 @@ from typing import Any
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from snapimg.errors import QemuError, VmError
+from snapimg.backends.qsd.qmp import execute as qmp_execute
+from snapimg.errors import QemuError
 from vmtests.config import Settings
 from vmtests.console import Console
 from vmtests.controllers import Controller
+from vmtests.errors import VmError
 
 QEMU = "qemu-system-x86_64"
 
@@ -182,11 +184,9 @@ class Machine:
                 await asyncio.sleep(0.05)
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """A QMP command; failures become QemuError naming the command."""
-        try:
-            return await self.qmp.execute(command, arguments)
-        except QMPError as err:
-            raise QemuError(f"{self.name}: QMP {command}: {err}") from err
+        """A QMP command; failures become :class:`~snapimg.errors.QemuError` with QEMU's
+        error class, description and the command (snapimg's own QMP wrapper)."""
+        return await qmp_execute(self.qmp, command, arguments, where=self.name)
 
     async def wait_exit(self, timeout: float) -> int:
         """Wait until QEMU ends by itself; its exit status."""

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from snapimg.errors import VmError
 from vmtests.config import Settings
+from vmtests.errors import VmError
 
 
 def nbd_uri(socket: Path, export: str) -> str:

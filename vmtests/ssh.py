@@ -20,7 +20,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from snapimg.errors import VmError
+from vmtests.errors import HostKeyMismatch, VmError
 
 log = logging.getLogger("vmtests.ssh")
 # paramiko logs every refused early connect (expected while the guest boots) at ERROR; without a
@@ -104,7 +104,8 @@ class SshSession:
                     host: str = "127.0.0.1") -> SshSession | None:
         """One login attempt: a session, or None if the guest is not answering yet.
 
-        A host key other than the pinned one is never "not yet": it raises VmError.
+        A host key other than the pinned one is never "not yet": it raises
+        :class:`~vmtests.errors.HostKeyMismatch`.
         """
         client = paramiko.SSHClient()
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
@@ -117,7 +118,7 @@ class SshSession:
             return cls(client, log_file)
         except paramiko.BadHostKeyException as err:
             client.close()
-            raise VmError(f"ssh {host}:{port}: host key mismatch: {err}") from err
+            raise HostKeyMismatch(host, port, str(err)) from err
         except (paramiko.SSHException, OSError, EOFError) as err:
             client.close()
             log.debug("ssh %s:%d not answering yet: %r", host, port, err)

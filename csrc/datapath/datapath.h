@@ -3,7 +3,9 @@
  * Shared declarations of the extension's parts:
  *   table.c    Table: an origin's block table (packed entries) + the view the
  *              Python index publishes (newest live generation, exclusions, per
- *              snapshot flags, blocks with older copies kept)
+ *              snapshot flags, blocks with older copies kept, live snapshots' counts)
+ *   slots.c    Slots: slot allocation in the store's data area
+ *   record.c   the store's record log: framing, CRC-32, appending
  *   barrier.c  Barrier: I/O shared, lifecycle changes exclusive (GIL-aware)
  *   core.c     Core: origins and store files of one engine; the block copy
  *              (FICLONERANGE, else copy_file_range, else read+write)
@@ -36,6 +38,13 @@ typedef struct {
     uint32_t flags;
 } SnapFlags;
 
+/* A live snapshot's preserved-block count (base: as Python last knew it; pending: what
+ * C installed since) and limit (max blocks, or UINT64_MAX): under the core's log_mu. */
+typedef struct {
+    uint32_t gen;
+    uint64_t base, pending, limit;
+} SnapCount;
+
 typedef struct {
     PyObject_HEAD
     uint64_t nblocks;
@@ -48,12 +57,39 @@ typedef struct {
     pthread_mutex_t snaps_mu;            /* guards snaps/nsnaps */
     SnapFlags *snaps;
     size_t nsnaps, capsnaps;
+    SnapCount *counts; /* live snapshots, under the core's log_mu */
+    size_t ncounts;
 } Table;
 
 extern PyTypeObject TableType;
 uint64_t table_get(Table *t, uint64_t b);
+int table_set_run(Table *t, uint64_t b, uint64_t first, uint64_t n); /* 0, -1: no memory */
+int table_prepare_run(Table *t, uint64_t b, uint64_t n); /* chunks exist: 0, -1: no memory */
 uint32_t table_snap_flags(Table *t, uint32_t gen);
 int table_overflow_in(Table *t, uint64_t b0, uint64_t b1);
+
+/* -- slots.c ----------------------------------------------------------------------- */
+typedef struct {
+    uint64_t start, end;
+} SlotRun;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    int initialised;
+    uint64_t end;  /* slots [0, end) exist */
+    SlotRun *runs; /* free runs, sorted, merged */
+    size_t nruns, capruns;
+} Slots;
+
+extern PyTypeObject SlotsType;
+uint64_t slots_alloc(Slots *s, uint64_t n); /* the first of n consecutive slots */
+int slots_free(Slots *s, uint64_t start, uint64_t count); /* 0, -1: no memory */
+
+/* -- record.c --------------------------------------------------------------------- */
+#define COPY_RECORD_SIZE 35 /* u32 length, u8 kind, <HIQIQ payload, u32 crc32 */
+void encode_copy_record(char *out, uint16_t origin, uint32_t gen, uint64_t block,
+                        uint32_t count, uint64_t slot);
 
 /* -- barrier.c --------------------------------------------------------------------- */
 typedef struct {
@@ -72,9 +108,12 @@ void barrier_release_shared(Barrier *b);
 /* -- core.c -------------------------------------------------------------------------- */
 typedef struct {
     int fd;
+    uint16_t id;  /* the origin's id in the store's records */
     uint64_t size;
     int is_block;
     _Atomic int reflink; /* 1: try FICLONERANGE into the store */
+    int copy_range;      /* 0: no copy_file_range (it would clone where cloning is off) */
+    int clone_dirty;     /* 1: clone runs with dirty pages too (SNAPIMG_REFLINK=always) */
     Table *table;        /* strong reference */
 } COrigin;
 
@@ -91,6 +130,18 @@ typedef struct {
     COrigin **origins;
     size_t norigins;
     _Atomic uint64_t clone_runs, copy_range_runs, rw_runs;
+    /* The record log (the store's meta file) and the slot allocator, shared with Python:
+     * log_mu orders every append-and-apply (Python's DataPath.log, C's installs);
+     * append_mu guards the log's end while appending. */
+    pthread_mutex_t log_mu, append_mu;
+    uint64_t log_end, log_reserved, appended;
+    Slots *slots;            /* strong reference; NULL: no C installs */
+    _Atomic int fast_install; /* 1: C installs first copies itself (Python decides when) */
+    _Atomic uint64_t fast_installs, slow_installs;
+    pthread_mutex_t grow_mu;
+    int prealloc;            /* keep data-area space allocated ahead (not under clones) */
+    uint64_t data_reserved;  /* slots below this have space allocated */
+    _Atomic uint64_t dirty_runs; /* runs copied, not cloned: the origin's pages were dirty */
 } Core;
 
 extern PyTypeObject CoreType;
@@ -100,6 +151,8 @@ int core_sync_store_fds(Core *c); /* 0 or errno; -1: store I/O is Python's */
 int file_pread(int fd, char *buf, size_t len, uint64_t off, size_t *got);
 int file_pwrite(int fd, const char *buf, size_t len, uint64_t off);
 int core_copy_blocks(Core *c, COrigin *o, uint64_t b, const uint64_t *ext, size_t next);
+int core_append(Core *c, const char *buf, size_t len, uint64_t *seq); /* 0 or errno */
+void core_grow_data(Core *c); /* allocate data-area space ahead of the allocator's end */
 
 /* -- device.c ------------------------------------------------------------------------ */
 enum { DEV_ORIGIN = 0, DEV_SNAPSHOT = 1 };

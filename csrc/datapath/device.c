@@ -236,13 +236,103 @@ static int may_need_copy(Table *t, uint64_t b0, uint64_t b1)
     return 0;
 }
 
-/* Barrier held: copy what live snapshots need of [off, +len) (Python decides). */
+/* After C copied blocks [b, b+n) of generation gen into slots [slot, slot+n) but could
+ * not record them (err 0: something changed meanwhile, or a limit is reached: Python
+ * installs, or applies the policy; err: the copy or the log append failed: Python frees
+ * the slots and applies the snapshots' policy). */
+static int settle_copy(Device *d, OpCtx *ctx, uint64_t b, uint64_t n, uint32_t gen,
+                       uint64_t slot, int err)
+{
+    atomic_fetch_add_explicit(&d->core->slow_installs, 1, memory_order_relaxed);
+    gil_take(ctx);
+    PyObject *res = call_slow(d, ctx, "settle_copy", "(KKIKi)", (unsigned long long)b,
+                              (unsigned long long)n, gen, (unsigned long long)slot, err);
+    Py_XDECREF(res);
+    gil_drop(ctx);
+    return res ? 0 : -1;
+}
+
+/* One run of never-copied blocks [b, b+n): slots, copy, and (under log_mu) the COPY
+ * record, the table entries and the live snapshots' counts, exactly what Python's
+ * DataPath._install records for such a run. */
+static int fast_copy_run(Device *d, OpCtx *ctx, uint64_t b, uint64_t n, uint32_t gen)
+{
+    Core *c = d->core;
+    COrigin *o = d->o;
+    Table *t = o->table;
+    uint64_t slot = slots_alloc(c->slots, n);
+    core_grow_data(c);
+    uint64_t ext[2] = {slot, n};
+    int err = core_copy_blocks(c, o, b, ext, 1);
+    if (err)
+        return settle_copy(d, ctx, b, n, gen, slot, err);
+    pthread_mutex_lock(&c->log_mu);
+    int ok = atomic_load(&t->newest) == gen && !atomic_load(&t->excluding) &&
+             !table_prepare_run(t, b, n);
+    for (uint64_t i = 0; ok && i < n; i++)
+        ok = !table_get(t, b + i); /* else another writer preserved it first */
+    for (size_t i = 0; ok && i < t->ncounts; i++) {
+        SnapCount *sc = &t->counts[i];
+        ok = sc->limit == UINT64_MAX || sc->base + sc->pending + n <= sc->limit;
+    }
+    if (ok) {
+        char rec[COPY_RECORD_SIZE];
+        uint64_t seq;
+        encode_copy_record(rec, o->id, gen, b, (uint32_t)n, slot);
+        err = core_append(c, rec, sizeof(rec), &seq);
+        if (!err) {
+            table_set_run(t, b, ((uint64_t)gen << GEN_SHIFT) | (slot + 1), n); /* prepared */
+            for (size_t i = 0; i < t->ncounts; i++)
+                t->counts[i].pending += n;
+            atomic_fetch_add_explicit(&c->fast_installs, 1, memory_order_relaxed);
+        }
+    }
+    pthread_mutex_unlock(&c->log_mu);
+    return ok && !err ? 0 : settle_copy(d, ctx, b, n, gen, slot, err);
+}
+
+/* The common case in C: a live snapshot, none with released or private blocks, and
+ * blocks either never copied or already preserved for the newest snapshot.  1: Python
+ * decides (older copies to keep, exclusions, strict durability, a copy timeout...). */
+static int fast_preserve(Device *d, OpCtx *ctx, uint64_t b0, uint64_t b1)
+{
+    Table *t = d->o->table;
+    if (!atomic_load(&d->core->fast_install))
+        return 1;
+    uint32_t gen = atomic_load(&t->newest);
+    if (!gen || atomic_load(&t->excluding))
+        return 1;
+    uint64_t limit = (uint64_t)gen << GEN_SHIFT;
+    for (uint64_t b = b0; b < b1;) {
+        uint64_t e = table_get(t, b);
+        if (e >= limit) { /* already preserved for the newest snapshot */
+            b++;
+            continue;
+        }
+        if (e)
+            return 1;
+        uint64_t n = 1;
+        while (b + n < b1 && !table_get(t, b + n))
+            n++;
+        int rc = fast_copy_run(d, ctx, b, n, gen);
+        if (rc)
+            return rc;
+        b += n;
+    }
+    return 0;
+}
+
+/* Barrier held: copy what live snapshots need of [off, +len) (Python decides, but for
+ * the common case that C installs itself). */
 static int preserve(Device *d, OpCtx *ctx, uint64_t off, uint64_t len)
 {
     unsigned shift = d->core->block_shift;
     uint64_t b0 = off >> shift, b1 = ((off + len - 1) >> shift) + 1;
     if (!may_need_copy(d->o->table, b0, b1))
         return 0;
+    int rc = fast_preserve(d, ctx, b0, b1);
+    if (rc <= 0)
+        return rc;
     gil_take(ctx);
     PyObject *res = call_slow(d, ctx, "preserve", "(KK)", (unsigned long long)b0,
                               (unsigned long long)b1);

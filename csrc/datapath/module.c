@@ -27,7 +27,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__datapath(void)
 {
     if (PyType_Ready(&TableType) || PyType_Ready(&BarrierType) || PyType_Ready(&CoreType) ||
-        PyType_Ready(&DeviceType))
+        PyType_Ready(&DeviceType) || PyType_Ready(&SlotsType))
         return NULL;
     if (!ArrayType) {
         ArrayType = attr_of("array", "array");
@@ -44,7 +44,8 @@ PyMODINIT_FUNC PyInit__datapath(void)
     if (PyModule_AddObjectRef(m, "Table", (PyObject *)&TableType) ||
         PyModule_AddObjectRef(m, "Barrier", (PyObject *)&BarrierType) ||
         PyModule_AddObjectRef(m, "Core", (PyObject *)&CoreType) ||
-        PyModule_AddObjectRef(m, "Device", (PyObject *)&DeviceType)) {
+        PyModule_AddObjectRef(m, "Device", (PyObject *)&DeviceType) ||
+        PyModule_AddObjectRef(m, "Slots", (PyObject *)&SlotsType)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -54,16 +54,14 @@ static int check_block(Table *t, unsigned long long b, unsigned long long n)
     return 0;
 }
 
-/* The chunk for writing (allocated on first use); NULL with MemoryError. */
+/* The chunk for writing (allocated on first use); NULL when out of memory. */
 static _Atomic uint64_t *chunk_for_write(Table *t, uint64_t ci)
 {
     _Atomic uint64_t *c = chunk_of(t, ci);
     if (!c) {
         c = calloc(CHUNK, sizeof(uint64_t));
-        if (!c) {
-            PyErr_NoMemory();
+        if (!c)
             return NULL;
-        }
         atomic_store_explicit(&t->chunks[ci], c, memory_order_release);
     }
     return c;
@@ -111,6 +109,7 @@ static void Table_dealloc(Table *t)
     free(t->chunk_max_gen);
     free((void *)t->overflow);
     free(t->snaps);
+    free(t->counts);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
@@ -148,23 +147,32 @@ static PyObject *Table_set(Table *t, PyObject *args)
         Py_RETURN_NONE;
     _Atomic uint64_t *c = chunk_for_write(t, ci);
     if (!c)
-        return NULL;
+        return PyErr_NoMemory();
     atomic_store_explicit(&c[b & (CHUNK - 1)], entry, memory_order_release);
     note_gen(t, ci, entry);
     Py_RETURN_NONE;
 }
 
-static PyObject *Table_set_run(Table *t, PyObject *args)
+/* The chunks of blocks [b, b+n) exist (allocated now if needed): 0, or -1 when out of
+ * memory (then nothing may be installed there). */
+int table_prepare_run(Table *t, uint64_t b, uint64_t n)
 {
-    unsigned long long b, first, n;
-    if (!PyArg_ParseTuple(args, "KKK", &b, &first, &n) || check_block(t, b, n))
-        return NULL;
+    for (uint64_t ci = b >> CHUNK_SHIFT; n && ci <= (b + n - 1) >> CHUNK_SHIFT; ci++)
+        if (!chunk_for_write(t, ci))
+            return -1;
+    return 0;
+}
+
+/* Entries first, first+1, ... for blocks [b, b+n) (one writer at a time: Python under
+ * the engine's lock and the core's log_mu, or C under log_mu). */
+int table_set_run(Table *t, uint64_t b, uint64_t first, uint64_t n)
+{
     while (n) {
         uint64_t ci = b >> CHUNK_SHIFT, off = b & (CHUNK - 1);
         uint64_t take = n < CHUNK - off ? n : CHUNK - off;
         _Atomic uint64_t *c = chunk_for_write(t, ci);
         if (!c)
-            return NULL;
+            return -1;
         for (uint64_t i = 0; i < take; i++)
             atomic_store_explicit(&c[off + i], first + i, memory_order_release);
         note_gen(t, ci, first);
@@ -172,6 +180,74 @@ static PyObject *Table_set_run(Table *t, PyObject *args)
         n -= take;
         first += take;
     }
+    return 0;
+}
+
+static PyObject *Table_set_run(Table *t, PyObject *args)
+{
+    unsigned long long b, first, n;
+    if (!PyArg_ParseTuple(args, "KKK", &b, &first, &n) || check_block(t, b, n))
+        return NULL;
+    if (table_set_run(t, b, first, n))
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* fold() -> [(gen, blocks)]: what C installed for each live snapshot since the last
+ * fold (then zero).  set_counts([(gen, preserved, limit or -1)]): the live snapshots as
+ * Python knows them now.  Both with the core's log_mu held (Core.lock_log). */
+static PyObject *Table_fold(Table *t, PyObject *unused)
+{
+    (void)unused;
+    PyObject *out = PyList_New(0);
+    for (size_t i = 0; out && i < t->ncounts; i++) {
+        if (!t->counts[i].pending)
+            continue;
+        PyObject *item = Py_BuildValue("(kK)", (unsigned long)t->counts[i].gen,
+                                       (unsigned long long)t->counts[i].pending);
+        if (!item || PyList_Append(out, item)) {
+            Py_XDECREF(item);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(item);
+        t->counts[i].pending = 0;
+    }
+    return out;
+}
+
+static PyObject *Table_set_counts(Table *t, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "counts must be a sequence");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    SnapCount *fresh = calloc((size_t)(n ? n : 1), sizeof(SnapCount));
+    if (!fresh) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long gen;
+        unsigned long long preserved;
+        long long limit;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "kKL", &gen, &preserved,
+                              &limit)) {
+            free(fresh);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        fresh[i].gen = (uint32_t)gen;
+        fresh[i].base = preserved;
+        fresh[i].limit = limit < 0 ? UINT64_MAX : (uint64_t)limit;
+        for (size_t j = 0; j < t->ncounts; j++) /* (folded first: normally nothing) */
+            if (t->counts[j].gen == fresh[i].gen)
+                fresh[i].pending = t->counts[j].pending;
+    }
+    Py_DECREF(seq);
+    free(t->counts);
+    t->counts = fresh;
+    t->ncounts = (size_t)n;
     Py_RETURN_NONE;
 }
 
@@ -316,6 +392,10 @@ static PyMethodDef Table_methods[] = {
      "block b has (or no longer has) older copies kept"},
     {"publish", (PyCFunction)Table_publish, METH_VARARGS,
      "publish(newest, excluding, [(gen, flags)]): the live view for C readers"},
+    {"fold", (PyCFunction)Table_fold, METH_NOARGS,
+     "[(gen, blocks)] installed by C since the last fold (core log lock held)"},
+    {"set_counts", (PyCFunction)Table_set_counts, METH_O,
+     "set_counts([(gen, preserved, limit or -1)]): live snapshots (core log lock held)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -40,6 +40,7 @@ from snapimg.names import split_snapshot_name
 from snapimg.nbd.uri import unix_uri
 
 NBD_MARKER = "snapimg-nbd"
+NBD_SERVER_RUNNING = "NBD server already running"  # QEMU's nbd-server-start (blockdev-nbd.c)
 _FILTER = re.compile(r"^si[0-9a-f]{12}-cbw$")
 
 
@@ -163,7 +164,7 @@ async def ensure_nbd_server(qmp: Qmp, wanted: Path | None, default: Path) -> tup
         await qmp.execute("nbd-server-start", {"addr": {"type": "unix",
                                                         "data": {"path": str(socket)}}})
     except QemuError as err:
-        if "already running" in str(err):
+        if err.error_class == "GenericError" and err.desc == NBD_SERVER_RUNNING:
             raise UsageError("this QEMU already runs an NBD server that snapimg did not start "
                              "(stop it with nbd-server-stop first)") from None
         raise

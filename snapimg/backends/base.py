@@ -1,59 +1,16 @@
 """What the control socket needs from a backend (native engine or qemu-storage-daemon).
 
 The control server (:mod:`snapimg.control`) and the CLI talk to every backend only through
-:class:`Backend`; snapshot facts travel as :class:`SnapshotInfo`, whose :meth:`to_json`
-is the contract of ``snapimg snapshot list --json``.
+:class:`Backend`; snapshot facts travel as :class:`~snapimg.snapinfo.SnapshotInfo`, whose
+``to_json`` is the contract of ``snapimg snapshot list --json``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
-OnFull = Literal["invalidate", "block-writes"]
-ON_FULL_CHOICES: tuple[OnFull, ...] = ("invalidate", "block-writes")
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    origin: str
-    snap: str
-    created: datetime
-    valid: bool
-    reason: str | None
-    preserved_blocks: int
-    preserved_bytes: int
-    max_size: int | None
-    block_size: int
-    writable: bool
-    on_full: OnFull
-    # taken while the guest's filesystems were frozen (snapimg.qga); recorded by the control
-    # layer after the thaw (snapimg.control.quiesce_notes), never by a backend
-    quiesced: bool = False
-    frozen_ms: int | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.origin}@{self.snap}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "origin": self.origin,
-            "snapshot": self.snap,
-            "created": self.created.isoformat(),
-            "state": "valid" if self.valid else "invalid",
-            "reason": self.reason,
-            "preserved_blocks": self.preserved_blocks,
-            "preserved_bytes": self.preserved_bytes,
-            "max_size": self.max_size,
-            "block_size": self.block_size,
-            "writable": self.writable,
-            "on_full": self.on_full,
-            "quiesced": self.quiesced,
-            "frozen_ms": self.frozen_ms,
-        }
+from snapimg.snapinfo import OnFull, SnapshotInfo
 
 
 @dataclass(frozen=True)

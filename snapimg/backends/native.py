@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from snapimg.backends.base import ExportInfo, OnFull, SnapshotInfo
+from snapimg.backends.base import ExportInfo
 from snapimg.backends.config import ServeConfig
 from snapimg.engine import Engine
 from snapimg.errors import SnapshotError, UsageError
 from snapimg.names import check_snapshot_name
 from snapimg.nbd.exports import ExportTable
 from snapimg.nbd.server import NbdServer
+from snapimg.snapinfo import OnFull, SnapshotInfo
 from snapimg.units import check_bytes, check_max_size, format_size
 
 

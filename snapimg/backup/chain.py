@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from snapimg.backup import incfile
-from snapimg.backup.fileio import copy_range, extents
 from snapimg.backup.manifest import BackupRecord, Manifest
 from snapimg.digest import hash_zeroes
 from snapimg.errors import BackupError
+from snapimg.fileio import copy_range, data_runs
 from snapimg.progress import Progress
 
 READ_CHUNK = 8 << 20
@@ -134,7 +134,7 @@ def hash_segments(segments: list[Segment], progress: Progress | None = None) -> 
                 stack.callback(os.close, fd)
                 fds[seg.path] = fd
             fd = fds[seg.path]
-            for off, n, is_data in extents(fd, seg.offset, seg.length):
+            for off, n, is_data in data_runs(fd, seg.offset, seg.length):
                 if not is_data:
                     zeroes(n)
                     continue

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from snapimg.backup import manifest, piecefile, points, qemuimg
-from snapimg.backup.fileio import fsync_dir, fsync_path
 from snapimg.backup.manifest import BackupRecord, Manifest
 from snapimg.backup.nbdread import NbdReader
 from snapimg.backup.pipeline import NbdSink, PipelineResult, plan_jobs, run_pipeline
@@ -44,6 +43,7 @@ from snapimg.backup.ranges import count_blocks, merge_ranges, piece_regions
 from snapimg.backup.sources import SnapshotSource
 from snapimg.digest import PIECE_SIZE, PieceDigests
 from snapimg.errors import BackupError, SnapimgError, UsageError
+from snapimg.fileio import fsync_dir, fsync_path
 from snapimg.progress import Progress
 from snapimg.qemuexport import QemuExport
 

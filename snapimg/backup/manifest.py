@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from snapimg.backup.fileio import fsync_dir
 from snapimg.digest import PIECE_SIZE, RULE_NAME, rule_json
 from snapimg.errors import BackupError
+from snapimg.fileio import fsync_dir
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "snapimg-backup"

@@ -20,12 +20,12 @@ import os
 from pathlib import Path
 
 from snapimg.backup import incfile, manifest, piecefile, points, qemuimg
-from snapimg.backup.fileio import fsync_dir, fsync_path
 from snapimg.backup.manifest import BackupRecord, Manifest
 from snapimg.backup.nbdread import NbdReader
 from snapimg.backup.pipeline import NbdSink, plan_jobs, run_pipeline
 from snapimg.backup.ranges import piece_regions
 from snapimg.errors import BackupError
+from snapimg.fileio import fsync_dir, fsync_path
 from snapimg.progress import Progress
 from snapimg.qemuexport import QemuExport
 

@@ -11,16 +11,14 @@ qcow2 chain holds a range: what an incremental backup file itself holds).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import nbd
 
-from snapimg.errors import BackupError
+from snapimg.errors import BackupError, ProtocolError
+from snapimg.nbd.allocation import ALLOCATION_DEPTH, depth_one_ranges, status_runs
 
 CONNECTIONS = 4
-ALLOCATION_DEPTH = "qemu:allocation-depth"
-# One block status request covers at most this much (NBD lengths are 32-bit).
-STATUS_MAX = (4 << 30) - (4 << 20)
 
 Run = tuple[int, int, bool]  # offset, length, zero
 
@@ -66,34 +64,19 @@ class NbdReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _status(self, context: str, offset: int, length: int,
-                push: Callable[[int, int], None]) -> None:
-        """Call ``push(length, flags)`` for consecutive extents covering the range."""
-        end = offset + length
-        pos = offset
-        entries: list[int] = []
-
-        def extent(meta: str, off: int, ents: list[int], err: int) -> int:
-            if meta == context:
-                entries.extend(ents)
-            return 0
-
+    def _status(self, context: str, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """(length, flags) of consecutive extents covering the range."""
         assert self.status is not None
-        while pos < end:
-            entries.clear()
-            try:
-                self.status.block_status(min(end - pos, STATUS_MAX), pos, extent)
-            except nbd.Error as err:
-                raise BackupError(f"block status of {self.uri} at {pos} failed: "
-                                  f"{err.string}") from None
-            if not entries:
-                raise BackupError(f"{self.uri}: no block status at offset {pos}")
-            for i in range(0, len(entries) - 1, 2):
-                n = min(entries[i], end - pos)
-                if n <= 0:
-                    break
-                push(n, entries[i + 1])
+        pos = offset
+        try:
+            for n, flags in status_runs(self.status, context, offset, length):
+                yield n, flags
                 pos += n
+        except nbd.Error as err:
+            raise BackupError(f"block status of {self.uri} at {pos} failed: "
+                              f"{err.string}") from None
+        except ProtocolError as err:
+            raise BackupError(f"{self.uri}: {err}") from None
 
     def runs(self, offset: int, length: int) -> list[Run]:
         """(offset, length, zero) runs covering [offset, offset+length), merged."""
@@ -101,34 +84,17 @@ class NbdReader:
         if not self.has_status:
             return [(offset, length, False)] if length > 0 else []
         pos = offset
-
-        def push(n: int, flags: int) -> None:
-            nonlocal pos
+        for n, flags in self._status(nbd.CONTEXT_BASE_ALLOCATION, offset, length):
             zero = bool(flags & nbd.STATE_ZERO)
             if out and out[-1][2] == zero:
                 out[-1] = (out[-1][0], out[-1][1] + n, zero)
             else:
                 out.append((pos, n, zero))
             pos += n
-
-        self._status(nbd.CONTEXT_BASE_ALLOCATION, offset, length, push)
         return out
 
     def top_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Ranges held by the top image of a qcow2 chain (allocation depth 1), merged."""
         if not self.has_depth:
             raise BackupError(f"{self.uri} does not report {ALLOCATION_DEPTH}")
-        out: list[tuple[int, int]] = []
-        pos = offset
-
-        def push(n: int, depth: int) -> None:
-            nonlocal pos
-            if depth == 1:
-                if out and out[-1][0] + out[-1][1] == pos:
-                    out[-1] = (out[-1][0], out[-1][1] + n)
-                else:
-                    out.append((pos, n))
-            pos += n
-
-        self._status(ALLOCATION_DEPTH, offset, length, push)
-        return out
+        return depth_one_ranges(self._status(ALLOCATION_DEPTH, offset, length), offset)

@@ -16,9 +16,9 @@ import os
 import struct
 from pathlib import Path
 
-from snapimg.backup.fileio import fsync_dir
 from snapimg.digest import DIGEST_SIZE, PieceDigests
 from snapimg.errors import BackupError
+from snapimg.fileio import fsync_dir
 
 MAGIC = b"SNAPPCS1"
 VERSION = 1

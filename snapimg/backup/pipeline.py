@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple, Protocol
 
 import nbd
 
-from snapimg.backup.nbdread import STATUS_MAX, NbdReader
+from snapimg.backup.nbdread import NbdReader
 from snapimg.digest import (
     PIECE_SIZE,
     PiecePlan,
@@ -37,6 +37,7 @@ from snapimg.digest import (
     split_pieces,
 )
 from snapimg.errors import BackupError
+from snapimg.nbd.allocation import STATUS_MAX
 from snapimg.progress import Progress
 
 Range = tuple[int, int]

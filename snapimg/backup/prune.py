@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapimg.backup import manifest, qemuimg
-from snapimg.backup.fileio import fsync_dir
 from snapimg.backup.manifest import BackupRecord, Manifest
 from snapimg.errors import BackupError, UsageError
+from snapimg.fileio import fsync_dir
 
 _POINT_FILE = re.compile(r"b\d{4,}\.(qcow2|pieces)")
 

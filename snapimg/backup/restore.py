@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapimg.backup import chain, manifest, points
-from snapimg.backup.fileio import publish
 from snapimg.backup.manifest import BackupRecord, Manifest
 from snapimg.backup.pipeline import FileSink, plan_jobs, run_pipeline
 from snapimg.digest import PIECE_SIZE
 from snapimg.errors import BackupError, UsageError
+from snapimg.fileio import publish
 from snapimg.imagelock import check_not_in_use
 from snapimg.progress import Progress
 

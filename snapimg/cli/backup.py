@@ -20,7 +20,7 @@ from typing import Any
 from snapimg.cli import quiesce
 from snapimg.cli.attach import default_store_dir
 from snapimg.errors import SnapimgError, UsageError
-from snapimg.names import check_snapshot_name, shown
+from snapimg.names import check_export_name, check_snapshot_name, shown
 from snapimg.units import format_size
 
 
@@ -135,9 +135,7 @@ def _backup(args: argparse.Namespace) -> int:
         preflight,
     )
 
-    origin: str = args.name
-    if not origin or "@" in origin:
-        raise UsageError(f"bad origin name {origin!r}")
+    origin = check_export_name(args.name)
     since = _snap_of(origin, args.since, "--since") if args.since else None
     keep = _snap_of(origin, args.keep, "--keep") if args.keep else None
     if keep is not None and keep == since:

@@ -8,13 +8,18 @@ directory (its newest point, or ``--backup ID``).  JSON output follows docs/insp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from snapimg.cli.common import add_size
 from snapimg.errors import SnapimgError
 from snapimg.units import parse_size
+
+if TYPE_CHECKING:
+    from snapimg.inspect.files import FileTree
 
 
 def register(sub: Any) -> None:
@@ -102,14 +107,21 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ls(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _tree(args: argparse.Namespace) -> Iterator[FileTree]:
+    """The filesystem of ``TARGET[:PART]`` (``--backup``), open while in the block."""
     from snapimg.inspect.files import open_tree
-    from snapimg.inspect.report import format_table
     from snapimg.inspect.target import open_target, split_part
 
     target, part = split_part(args.target)
     with open_target(target, args.backup) as src:
-        tree = open_tree(src, part)
+        yield open_tree(src, part)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from snapimg.inspect.report import format_table
+
+    with _tree(args) as tree:
         top = tree.stat(args.path)
         entries = tree.listdir(args.path) if top.kind == "dir" else [top]
     entries.sort(key=lambda e: e.name)
@@ -130,12 +142,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _cat(args: argparse.Namespace) -> int:
-    from snapimg.inspect.files import open_tree
-    from snapimg.inspect.target import open_target, split_part
-
-    target, part = split_part(args.target)
-    with open_target(target, args.backup) as src:
-        tree = open_tree(src, part)
+    with _tree(args) as tree:
         stream = tree.open(args.path)
         out = sys.stdout.buffer
         while chunk := stream.read(1 << 20):

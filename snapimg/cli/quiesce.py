@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from snapimg.errors import SnapimgError, UsageError
 
 if TYPE_CHECKING:
-    from snapimg.backends.base import SnapshotInfo
     from snapimg.backup.sources import SnapshotSource
     from snapimg.control.client import ControlClient
     from snapimg.qga.quiesce import FrozenWindow
+    from snapimg.snapinfo import SnapshotInfo
 
 DEFAULT_TIMEOUT = 10.0
 QGA_HELP = ("unix socket of the VM's qemu-guest-agent channel (QEMU: -chardev socket,"

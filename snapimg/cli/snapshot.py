@@ -7,11 +7,11 @@ import dataclasses
 import json
 from typing import Any
 
-from snapimg.backends.base import ON_FULL_CHOICES, SnapshotInfo
 from snapimg.cli import quiesce
 from snapimg.cli.common import add_control, add_json, add_size, notice, result
 from snapimg.control.client import ControlClient
 from snapimg.names import split_snapshot_name
+from snapimg.snapinfo import ON_FULL_CHOICES, SnapshotInfo
 from snapimg.units import count, format_size, parse_size
 
 _SNAPSHOT_HELP = "the snapshot: export NAME of the origin, '@', snapshot name SNAP"

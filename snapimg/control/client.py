@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from snapimg import errors
-from snapimg.backends.base import SnapshotInfo
 from snapimg.errors import ControlError, SnapimgError
+from snapimg.snapinfo import SnapshotInfo
 
 log = logging.getLogger(__name__)
 _MAX_RESPONSE = 64 << 20  # a list of many snapshots is long; anything longer is not ours

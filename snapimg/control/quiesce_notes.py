@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from snapimg.backends.base import SnapshotInfo
 from snapimg.errors import StoreError
+from snapimg.snapinfo import SnapshotInfo
 
 NOTES_NAME = "quiesce.json"
 

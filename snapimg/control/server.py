@@ -23,10 +23,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from snapimg.backends.base import ON_FULL_CHOICES, Backend, SnapshotInfo
+from snapimg.backends.base import Backend
 from snapimg.control.quiesce_notes import QuiesceNotes
 from snapimg.errors import ControlError, SnapimgError, SnapshotError
 from snapimg.names import shown
+from snapimg.snapinfo import ON_FULL_CHOICES, SnapshotInfo
 from snapimg.sockpath import prepare_unix_socket_path
 from snapimg.units import MAX_BYTES
 
@@ -40,10 +41,11 @@ Handler = Callable[["ControlServer", dict[str, Any]], Awaitable[Any]]
 class Param:
     """One parameter of a control method: its JSON type and whether it may be left out.
 
-    ``str``: a non-empty string (names are then checked by :mod:`snapimg.names` or
-    looked up); ``int``: an integer from 0 to :data:`~snapimg.units.MAX_BYTES`; ``bool``:
-    true or false; ``choices``: one of these strings.  An optional parameter may be
-    missing or null (``default`` is used).
+    ``str``: a non-empty string, or any string for a ``name`` (an origin or snapshot name:
+    the backend checks it by :mod:`snapimg.names` or looks it up, so the control socket
+    refuses a name with the message the CLI and the library give); ``int``: an integer
+    from 0 to :data:`~snapimg.units.MAX_BYTES`; ``bool``: true or false; ``choices``: one
+    of these strings.  An optional parameter may be missing or null (``default`` is used).
     """
 
     name: str
@@ -51,6 +53,7 @@ class Param:
     optional: bool = False
     default: Any = None
     choices: tuple[str, ...] = ()
+    is_name: bool = False
 
     def value(self, params: dict[str, Any]) -> Any:
         value = params.get(self.name)
@@ -73,6 +76,9 @@ class Param:
                 raise ControlError(
                     f"parameter {self.name!r} must be an integer from 0 to {MAX_BYTES}"
                 )
+        elif self.is_name:
+            if not isinstance(value, str):
+                raise ControlError(f"parameter {self.name!r} must be a string")
         elif not isinstance(value, str) or not value:
             raise ControlError(f"parameter {self.name!r} must be a non-empty string")
         return value
@@ -91,8 +97,8 @@ class Method:
         return {p.name: p.value(params) for p in self.params}
 
 
-_ORIGIN = Param("origin", str)
-_SNAP = Param("snap", str)
+_ORIGIN = Param("origin", str, is_name=True)
+_SNAP = Param("snap", str, is_name=True)
 
 
 async def _exports(server: ControlServer, args: dict[str, Any]) -> Any:

@@ -20,6 +20,8 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from snapimg.blockdev import Extent
@@ -104,6 +106,13 @@ class DataPath:
         """From now on I/O is refused (barrier held exclusively by the caller)."""
         self.closed = True
 
+    @contextmanager
+    def settled(self) -> Iterator[None]:
+        """The in-memory state complete and still (with ``lock`` held: callers reading
+        the index or counters, checkpoints); the compiled data path folds in what C
+        recorded meanwhile and holds C's installs off."""
+        yield
+
     def compiled_origin(self, o: OpenOrigin) -> Device | None:
         """The C device serving origin ``o`` (None: this data path has none)."""
         return None
@@ -147,16 +156,17 @@ class DataPath:
         self.store.free(freed)
         return seq, freed
 
-    def log_meta(self, recs: list[R.Record]) -> None:
+    def log_meta(self, recs: list[R.Record], durable: bool = False) -> None:
         """A lifecycle change (barrier held exclusively, ``lock`` held): logged, and
-        durable in strict mode."""
+        durable in strict mode (``durable``: in every mode)."""
         try:
             seq, _ = self.log(recs)
-            if self.strict:
+            if self.strict or durable:
                 self.store.sync_upto(seq)
             if self.store.wants_checkpoint():
                 # no I/O in flight: compact the log
-                blob = b"".join(R.encode(r) for r in self.state.checkpoint_records())
+                with self.settled():
+                    blob = b"".join(R.encode(r) for r in self.state.checkpoint_records())
                 self.store.checkpoint(blob, clean=False)
         except OSError as err:
             raise StoreError(f"cannot record in the store: {err.strerror or err}") from err
@@ -356,7 +366,12 @@ class DataPath:
         recs: list[R.Record] = []
         pos = 0
         for slot, count in extents:
-            recs.append(R.RunRec(R.Kind.COPY, o.entry.id, gen, b + pos, count, slot))
+            recs.append(
+                R.RunRec(
+                    kind=R.Kind.COPY, origin=o.entry.id, gen=gen, block=b + pos, count=count,
+                    slot=slot,
+                )
+            )
             pos += count
         try:
             seq, _ = self.log(recs)
@@ -377,7 +392,8 @@ class DataPath:
 
     def _invalidate(self, o: OpenOrigin, s: SnapshotState, reason: str) -> int:
         try:
-            seq, _ = self.log([R.InvalidateRec(o.entry.id, s.gen, time.time(), reason)])
+            rec = R.InvalidateRec(origin=o.entry.id, gen=s.gen, time=time.time(), reason=reason)
+            seq, _ = self.log([rec])
         except OSError as err:
             # Not recorded: the snapshot must stay valid, so the origin write may not run.
             raise DeviceError(
@@ -504,7 +520,11 @@ class DataPath:
             try:
                 self.store.write_slots(slot, buf)
                 with self.lock:
-                    seq, _ = self.log([R.RunRec(R.Kind.PRIVATE, o.entry.id, s.gen, b, 1, slot)])
+                    rec = R.RunRec(
+                        kind=R.Kind.PRIVATE, origin=o.entry.id, gen=s.gen, block=b, count=1,
+                        slot=slot,
+                    )
+                    seq, _ = self.log([rec])
             except OSError:
                 with self.lock:
                     self.store.free([slot])
@@ -538,8 +558,12 @@ class DataPath:
         if b1 <= b0:
             return
         with self.barrier.exclusive(), self.lock:
+            self.check_io()
             self.check_valid(s)
-            self.log_meta([R.RangeRec(R.Kind.RELEASE, o.entry.id, s.gen, b0, b1 - b0)])
+            rel = R.RangeRec(
+                kind=R.Kind.RELEASE, origin=o.entry.id, gen=s.gen, block=b0, count=b1 - b0
+            )
+            self.log_meta([rel])
         self.store.reclaim()
 
     def snap_flush(self) -> None:

@@ -31,11 +31,12 @@ def open_file_store(
     boot: str,
     fault: Fault | None,
     table: Callable[[int], Table] | None = None,
+    store_class: Callable[[Path, int, bool, str, Fault | None], FileStore] = FileStore,
 ) -> tuple[FileStore, StoreState]:
     """Lock, read and check the store in ``path`` against ``files``, replay it, register
     new origins, then write a fresh checkpoint.  Nothing is written before every check
     passed."""
-    store = FileStore(path, block_size, strict, boot, fault)
+    store = store_class(path, block_size, strict, boot, fault)
     store.lock()
     try:
         state = StoreState(block_size) if table is None else StoreState(block_size, table)
@@ -72,6 +73,15 @@ def _check_identity(path: Path, state: StoreState, files: dict[str, Origin]) -> 
     for name, f in files.items():
         known = state.by_name.get(name)
         if known is None:
+            # A file the store knows under another name: writes through this name would
+            # bypass that origin's snapshots (silently wrong snapshots), so refuse.
+            fp = f.fingerprint(create_tag=False)
+            other = next((o for o in state.by_id.values() if o.fingerprint == fp), None)
+            if other is not None and other.name not in files:
+                raise StoreMismatchError(
+                    f"store {path} already holds {f.path} as origin {other.name!r}: "
+                    f"open it under that name, not {name!r}"
+                )
             continue
         if known.size != f.size:
             raise StoreMismatchError(

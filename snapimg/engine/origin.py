@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
 import stat
 import uuid
@@ -13,38 +10,11 @@ from pathlib import Path
 from snapimg.blockdev import Extent
 from snapimg.errors import UsageError
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
+# engine/store.py imports these two from here: re-exported until it imports snapimg.fileio
+from snapimg.fileio import data_runs, write_zeroes_fd
+
 _TAG_XATTR = "user.snapimg.tag"
 _ZEROS = bytes(1 << 20)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (os.posix_fallocate has none); raises OSError."""
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def write_zeroes_fd(fd: int, offset: int, length: int, punch: bool) -> None:
-    """Make [offset, offset+length) of a regular file read as zeroes."""
-    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if punch else FALLOC_FL_ZERO_RANGE
-    try:
-        fallocate(fd, mode, offset, length)
-        return
-    except OSError as err:
-        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise
-    end = offset + length
-    while offset < end:
-        n = os.pwrite(fd, _ZEROS[: min(len(_ZEROS), end - offset)], offset)
-        offset += n
 
 
 class Origin:
@@ -66,6 +36,11 @@ class Origin:
             raise UsageError(f"origin {name!r} ({path}) is not a regular file or block device")
         self.size = os.lseek(self.fd, 0, os.SEEK_END) if self.is_block else st.st_size
         self._ino = st.st_ino
+
+    def same_file(self, other: Origin) -> bool:
+        """Whether ``other`` is this very file (by device and inode, whatever its path)."""
+        a, b = os.fstat(self.fd), os.fstat(other.fd)
+        return (a.st_dev, a.st_ino, a.st_rdev) == (b.st_dev, b.st_ino, b.st_rdev)
 
     def fingerprint(self, create_tag: bool) -> str:
         if self.is_block:
@@ -118,27 +93,21 @@ class Origin:
         os.fdatasync(self.fd)
 
     def extents(self, offset: int, length: int, limit: int = 64) -> list[Extent]:
-        """Allocation of [offset, offset+length) from SEEK_DATA / SEEK_HOLE."""
+        """Allocation of [offset, offset+length) from SEEK_DATA / SEEK_HOLE, in at most
+        ``limit`` extents (all data where the file system cannot say)."""
         end = min(offset + length, self.size)
         if self.is_block:
             return [Extent(end - offset, False, False)]
         out: list[Extent] = []
         pos = offset
-        while pos < end and len(out) < limit:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as err:
-                if err.errno != errno.ENXIO:
-                    return out or [Extent(end - pos, False, False)]
-                data = end
-            if data > pos:
-                nxt = min(data, end)
-                out.append(Extent(nxt - pos, True, True))
-            else:
-                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
-                nxt = min(hole, end)
-                out.append(Extent(nxt - pos, False, False))
-            pos = nxt
+        try:
+            for start, n, is_data in data_runs(self.fd, offset, end - offset):
+                if len(out) == limit:
+                    break
+                out.append(Extent(n, not is_data, not is_data))
+                pos = start + n
+        except OSError:
+            return out or [Extent(end - pos, False, False)]
         return out
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ class Kind(IntEnum):
 
 _ORIGIN = struct.Struct("<HQI")
 _SNAP = struct.Struct("<HIdqBBBdQ")
-_GEN = struct.Struct("<HI")
+_DROP = struct.Struct("<HI")
 _INVALIDATE = struct.Struct("<HId")
 _RUN = struct.Struct("<HIQIQ")  # origin, gen, block, count, slot
 _RANGE = struct.Struct("<HIQI")  # origin, gen, block, count
@@ -44,7 +44,10 @@ ON_FULL_CODES = {"invalidate": 0, "block-writes": 1}
 ON_FULL_NAMES = {v: k for k, v in ON_FULL_CODES.items()}
 
 
-@dataclass(frozen=True)
+# Records of five fields and more are built with keyword arguments only (kw_only).
+
+
+@dataclass(frozen=True, kw_only=True)
 class OriginRec:
     origin: int
     size: int
@@ -53,7 +56,7 @@ class OriginRec:
     fingerprint: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SnapRec:
     origin: int
     gen: int
@@ -69,8 +72,8 @@ class SnapRec:
 
 
 @dataclass(frozen=True)
-class GenRec:
-    """DROP: the snapshot ``gen`` of ``origin``."""
+class DropRec:
+    """DROP: the snapshot ``gen`` of ``origin`` is dropped."""
 
     origin: int
     gen: int
@@ -84,7 +87,7 @@ class InvalidateRec:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunRec:
     """COPY / MAP_STATE (gen = the copy's generation) and PRIVATE / PRIVATE_STATE
     (gen = the snapshot): blocks [block, block+count) held in slots [slot, slot+count)."""
@@ -97,7 +100,7 @@ class RunRec:
     slot: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RangeRec:
     """RELEASE / RELEASED_STATE: blocks [block, block+count) of snapshot ``gen``."""
 
@@ -108,7 +111,7 @@ class RangeRec:
     count: int
 
 
-Record = OriginRec | SnapRec | GenRec | InvalidateRec | RunRec | RangeRec
+Record = OriginRec | SnapRec | DropRec | InvalidateRec | RunRec | RangeRec
 
 
 def _str(s: str) -> bytes:
@@ -127,8 +130,8 @@ def encode(rec: Record) -> bytes:
         return _frame(rec.kind, _RUN.pack(rec.origin, rec.gen, rec.block, rec.count, rec.slot))
     if isinstance(rec, RangeRec):
         return _frame(rec.kind, _RANGE.pack(rec.origin, rec.gen, rec.block, rec.count))
-    if isinstance(rec, GenRec):
-        return _frame(Kind.DROP, _GEN.pack(rec.origin, rec.gen))
+    if isinstance(rec, DropRec):
+        return _frame(Kind.DROP, _DROP.pack(rec.origin, rec.gen))
     if isinstance(rec, InvalidateRec):
         return _frame(
             Kind.INVALIDATE, _INVALIDATE.pack(rec.origin, rec.gen, rec.time) + _str(rec.reason)
@@ -161,28 +164,37 @@ def _read_str(buf: bytes, pos: int) -> tuple[str, int]:
 def _decode_payload(kind: Kind, p: bytes) -> Record:
     if kind in (Kind.COPY, Kind.MAP_STATE, Kind.PRIVATE, Kind.PRIVATE_STATE):
         o, g, b, c, s = _RUN.unpack(p)
-        return RunRec(kind, o, g, b, c, s)
+        return RunRec(kind=kind, origin=o, gen=g, block=b, count=c, slot=s)
     if kind in (Kind.RELEASE, Kind.RELEASED_STATE):
         o, g, b, c = _RANGE.unpack(p)
-        return RangeRec(kind, o, g, b, c)
+        return RangeRec(kind=kind, origin=o, gen=g, block=b, count=c)
     if kind == Kind.DROP:
-        return GenRec(*_GEN.unpack(p))
+        return DropRec(*_DROP.unpack(p))
     if kind == Kind.INVALIDATE:
         o, g, t = _INVALIDATE.unpack_from(p)
         reason, _ = _read_str(p, _INVALIDATE.size)
-        return InvalidateRec(o, g, t, reason)
+        return InvalidateRec(origin=o, gen=g, time=t, reason=reason)
     if kind == Kind.SNAP:
         o, g, created, mx, w, of, v, it, pres = _SNAP.unpack_from(p)
         name, pos = _read_str(p, _SNAP.size)
         reason, _ = _read_str(p, pos)
         return SnapRec(
-            o, g, created, None if mx < 0 else mx, bool(w), ON_FULL_NAMES[of], bool(v), it,
-            pres, name, reason,
-        )  # fmt: skip
+            origin=o,
+            gen=g,
+            created=created,
+            max_size=None if mx < 0 else mx,
+            writable=bool(w),
+            on_full=ON_FULL_NAMES[of],
+            valid=bool(v),
+            invalid_time=it,
+            preserved=pres,
+            name=name,
+            reason=reason,
+        )
     o, size, ng = _ORIGIN.unpack_from(p)
     name, pos = _read_str(p, _ORIGIN.size)
     fp, _ = _read_str(p, pos)
-    return OriginRec(o, size, ng, name, fp)
+    return OriginRec(origin=o, size=size, next_gen=ng, name=name, fingerprint=fp)
 
 
 def decode_at(buf: bytes | memoryview, pos: int) -> tuple[Record, int] | None:

@@ -6,7 +6,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from snapimg.backends.base import OnFull, SnapshotInfo
+from snapimg.snapinfo import OnFull, SnapshotInfo
 
 
 class IntervalSet:

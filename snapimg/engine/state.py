@@ -33,7 +33,7 @@ class StoreState:
 
     def register(self, name: str, size: int, fingerprint: str) -> R.OriginRec:
         oid = max(self.by_id, default=0) + 1
-        rec = R.OriginRec(oid, size, 1, name, fingerprint)
+        rec = R.OriginRec(origin=oid, size=size, next_gen=1, name=name, fingerprint=fingerprint)
         self.apply(rec)
         return rec
 
@@ -72,7 +72,7 @@ class StoreState:
                 return idx.release(rec.gen, rec.block, rec.count)
             idx.restore_released(rec.gen, rec.block, rec.count)
             return []
-        if isinstance(rec, R.GenRec):
+        if isinstance(rec, R.DropRec):
             return self._index(rec.origin).drop(rec.gen)
         if isinstance(rec, R.InvalidateRec):
             return self._index(rec.origin).invalidate(rec.gen, rec.reason, rec.time)
@@ -103,21 +103,47 @@ class StoreState:
     def checkpoint_records(self) -> Iterator[R.Record]:
         """The whole state as records that :meth:`apply` restores exactly."""
         for o in self.by_id.values():
-            yield R.OriginRec(o.id, o.size, o.index.next_gen, o.name, o.fingerprint)
+            yield R.OriginRec(
+                origin=o.id,
+                size=o.size,
+                next_gen=o.index.next_gen,
+                name=o.name,
+                fingerprint=o.fingerprint,
+            )
         for o in self.by_id.values():
             for s in o.index.snaps.values():
                 yield R.SnapRec(
-                    o.id, s.gen, s.created, s.max_size, s.writable, s.on_full, s.valid,
-                    s.invalid_time, s.preserved, s.name, s.reason or "",
-                )  # fmt: skip
+                    origin=o.id,
+                    gen=s.gen,
+                    created=s.created,
+                    max_size=s.max_size,
+                    writable=s.writable,
+                    on_full=s.on_full,
+                    valid=s.valid,
+                    invalid_time=s.invalid_time,
+                    preserved=s.preserved,
+                    name=s.name,
+                    reason=s.reason or "",
+                )
         for o in self.by_id.values():
             for b, count, gen, slot in o.index.entry_runs():
-                yield R.RunRec(R.Kind.MAP_STATE, o.id, gen, b, count, slot)
+                yield R.RunRec(
+                    kind=R.Kind.MAP_STATE, origin=o.id, gen=gen, block=b, count=count, slot=slot
+                )
             for s in o.index.snaps.values():
                 for start, end in s.released.intervals():
-                    yield R.RangeRec(R.Kind.RELEASED_STATE, o.id, s.gen, start, end - start)
+                    yield R.RangeRec(
+                        kind=R.Kind.RELEASED_STATE,
+                        origin=o.id,
+                        gen=s.gen,
+                        block=start,
+                        count=end - start,
+                    )
                 for b, slot in sorted(s.private.items()):
-                    yield R.RunRec(R.Kind.PRIVATE_STATE, o.id, s.gen, b, 1, slot)
+                    yield R.RunRec(
+                        kind=R.Kind.PRIVATE_STATE, origin=o.id, gen=s.gen, block=b, count=1,
+                        slot=slot,
+                    )
 
     def referenced_runs(self) -> Iterator[tuple[int, int]]:
         for o in self.by_id.values():

@@ -14,6 +14,7 @@ from snapimg.backup import chain, manifest
 from snapimg.backup.manifest import BackupRecord
 from snapimg.blockdev import Extent
 from snapimg.errors import BackupError, DeviceError, UsageError
+from snapimg.fileio import data_runs
 from snapimg.inspect.qemu_image import QemuImageSource
 from snapimg.inspect.source import Source
 
@@ -89,15 +90,11 @@ class LegacyPointSource(Source):
         n = min(seg.offset + seg.length, offset + length) - offset
         if seg.path is None:
             return [Extent(n, True, True)]
-        fd = self._fds[seg.path]
         try:
-            data = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after offset
-            return [Extent(n, True, True)]
-        if data > offset:
-            return [Extent(min(data - offset, n), True, True)]
-        hole = os.lseek(fd, offset, os.SEEK_HOLE)
-        return [Extent(min(hole - offset, n), False, False)]
+            _, run, is_data = next(data_runs(self._fds[seg.path], offset, n))
+        except OSError:  # the file system cannot say
+            return [Extent(n, False, False)]
+        return [Extent(run, not is_data, not is_data)]
 
     def close(self) -> None:
         for fd in self._fds.values():

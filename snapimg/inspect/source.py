@@ -10,7 +10,6 @@ qemu-storage-daemon exports to us over a private unix socket.  Every source answ
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 from abc import ABC, abstractmethod
@@ -23,6 +22,7 @@ import nbd
 
 from snapimg.blockdev import Extent
 from snapimg.errors import DeviceError, UsageError
+from snapimg.fileio import data_runs
 
 NBD_SCHEMES = ("nbd://", "nbd+unix://", "nbds://", "nbds+unix://", "nbd+vsock://")
 
@@ -135,19 +135,13 @@ class FileSource(Source):
             done += n
 
     def _extents_at(self, offset: int, length: int) -> list[Extent]:
-        end = offset + length
         if self._seek_works:
             try:
-                data = os.lseek(self._fd, offset, os.SEEK_DATA)
-            except OSError as err:
-                if err.errno == errno.ENXIO:  # no data after offset: hole to the end
-                    return [Extent(length, True, True)]
+                _, n, is_data = next(data_runs(self._fd, offset, length))
+            except OSError:
                 self._seek_works = False  # EINVAL: filesystem without SEEK_DATA
             else:
-                if data > offset:
-                    return [Extent(min(data, end) - offset, True, True)]
-                hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
-                return [Extent(min(hole, end) - offset, False, False)]
+                return [Extent(n, not is_data, not is_data)]
         return [Extent(length, False, False)]
 
     def close(self) -> None:

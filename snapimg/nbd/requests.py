@@ -55,6 +55,26 @@ class Context(NamedTuple):
     base_allocation: bool
 
 
+def parse_header(header: bytes) -> Request | None:
+    """The request in one request header (:data:`~snapimg.nbd.protocol.REQUEST`); None
+    when the transmission ends here: NBD_CMD_DISC, or a bad magic (logged)."""
+    magic, *fields = p.REQUEST.unpack(header)
+    if magic != p.NBD_REQUEST_MAGIC:
+        log.warning("bad request magic %#x: disconnecting", magic)
+        return None
+    req = Request(*fields)
+    return None if req.cmd == p.NBD_CMD_DISC else req
+
+
+def refuse_payload(ctx: Context, req: Request) -> Buffers | None:
+    """The error reply to a write whose payload is over
+    :data:`~snapimg.nbd.protocol.MAX_PAYLOAD` (the caller skips the payload and carries
+    on); None for every other request."""
+    if req.cmd == p.NBD_CMD_WRITE and req.length > p.MAX_PAYLOAD:
+        return error_reply(ctx.structured, req, p.NBD_EINVAL, "payload over 32 MiB")
+    return None
+
+
 def serve_request(ctx: Context, req: Request, payload: bytes | bytearray | None) -> Buffers:
     """Execute ``req`` on the device; return the reply as buffers to send in order."""
     try:

@@ -38,6 +38,15 @@ _SOCKET_BUFFER = 4 << 20  # SO_SNDBUF of served connections
 
 
 class NbdServer:
+    """Serves an export table on listeners added by :meth:`listen_unix` and
+    :meth:`listen_tcp` until :meth:`close`.
+
+    A connection's failures never reach the caller: a client that breaks the protocol
+    or goes away ends its own connection (logged at debug level), anything else is
+    logged with its traceback, and device errors become NBD error replies
+    (:mod:`snapimg.nbd.requests`).  Only the listening calls raise.
+    """
+
     def __init__(
         self,
         exports: ExportTable,
@@ -57,6 +66,10 @@ class NbdServer:
         exports.on_removal(self.disconnect_export)
 
     async def listen_unix(self, path: Path) -> None:
+        """Listen on the unix socket ``path`` (created mode 0600).  Raises
+        :class:`UsageError` for a path that cannot become a socket or a socket another
+        server listens on (:func:`~snapimg.sockpath.prepare_unix_socket_path`), and
+        :class:`OSError` should creating it fail all the same."""
         prepare_unix_socket_path(path)
         old = os.umask(0o177)  # the socket is born mode 0600
         try:
@@ -70,6 +83,9 @@ class NbdServer:
         self._unix_paths.append(path)
 
     async def listen_tcp(self, host: str, port: int) -> None:
+        """Listen on ``host``:``port`` (port 0: any, see :meth:`tcp_ports`); TLS is
+        required there when the server has a context.  Raises :class:`UsageError` when
+        the address cannot be listened on."""
         try:
             server = await asyncio.start_server(
                 functools.partial(self._accept, tls=self.tls),
@@ -85,6 +101,7 @@ class NbdServer:
         self._servers.append(server)
 
     def tcp_ports(self) -> list[int]:
+        """The TCP ports listened on; raises nothing."""
         ports = []
         for server in self._servers:
             for sock in server.sockets:
@@ -158,7 +175,7 @@ class NbdServer:
             self._threaded.pop(task, None)
 
     def disconnect_export(self, name: str) -> None:
-        """Cut every connection using export ``name`` (it was removed)."""
+        """Cut every connection using export ``name`` (it was removed); raises nothing."""
         for task, session in list(self._conns.items()):
             if session.export is not None and session.export.name == name:
                 session.writer.transport.abort()
@@ -166,7 +183,9 @@ class NbdServer:
                     self._threaded[task].stop()
 
     async def close(self) -> None:
-        """Stop listening, end every connection once its requests in flight are done."""
+        """Stop listening and end every connection: requests already read complete on
+        their device and are answered if the client reads the reply within 5 s, then
+        the connections are cut; the unix sockets are removed.  Raises nothing."""
         for server in self._servers:
             server.close()
         for task, session in list(self._conns.items()):

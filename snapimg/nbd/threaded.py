@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 
 from snapimg.nbd import protocol as p
-from snapimg.nbd.requests import Context, Request, error_reply, serve_request
+from snapimg.nbd.requests import Context, Request, parse_header, refuse_payload, serve_request
 from snapimg.nbd.sockio import Closed, Input, Output, stop_reading
 
 log = logging.getLogger(__name__)
@@ -96,18 +96,14 @@ class ThreadedTransmission:
 
     def _read_request(self) -> tuple[Request | None, bytes | bytearray | None] | None:
         """One request and its payload; (None, None): answered here; None: the end."""
-        magic, *fields = p.REQUEST.unpack(self.input.read(p.REQUEST.size))
-        req = Request(*fields)
-        if magic != p.NBD_REQUEST_MAGIC:
-            log.warning("bad request magic %#x: disconnecting", magic)
-            return None
-        if req.cmd == p.NBD_CMD_DISC:
+        req = parse_header(self.input.read(p.REQUEST.size))
+        if req is None:
             return None
         if req.cmd != p.NBD_CMD_WRITE:
             return req, None
-        if req.length > p.MAX_PAYLOAD:
+        refused = refuse_payload(self.ctx, req)
+        if refused is not None:
             self.input.skip(req.length)
-            msg = "payload over 32 MiB"
-            self.output.send(error_reply(self.ctx.structured, req, p.NBD_EINVAL, msg))
+            self.output.send(refused)
             return None, None
         return req, self.input.read_large(req.length)

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from concurrent.futures import Executor
 
 from snapimg.nbd import protocol as p
 from snapimg.nbd.handshake import Session
-from snapimg.nbd.requests import Context, Request, error_reply, serve_request
-
-log = logging.getLogger(__name__)
+from snapimg.nbd.requests import Context, Request, parse_header, refuse_payload, serve_request
 
 
 class Transmission:
@@ -38,23 +35,15 @@ class Transmission:
         r = self.s.reader
         try:
             while True:
-                header = await r.readexactly(p.REQUEST.size)
-                magic, *fields = p.REQUEST.unpack(header)
-                req = Request(*fields)
-                if magic != p.NBD_REQUEST_MAGIC:
-                    log.warning("bad request magic %#x: disconnecting", magic)
-                    return
-                if req.cmd == p.NBD_CMD_DISC:
+                req = parse_header(await r.readexactly(p.REQUEST.size))
+                if req is None:
                     return
                 payload: bytes | None = None
                 if req.cmd == p.NBD_CMD_WRITE:
-                    if req.length > p.MAX_PAYLOAD:
+                    refused = refuse_payload(self.ctx, req)
+                    if refused is not None:
                         await self._discard(req.length)
-                        self._send(
-                            error_reply(
-                                self.ctx.structured, req, p.NBD_EINVAL, "payload over 32 MiB"
-                            )
-                        )
+                        self._send(refused)
                         continue
                     payload = await r.readexactly(req.length)
                 await self.slots.acquire()

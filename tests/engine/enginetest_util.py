@@ -18,3 +18,22 @@ def make_image(path: Path, size: int, seed: int = 1) -> bytes:
 def store_bytes(store: Path) -> dict[str, bytes]:
     """Every store file's content except the lock file (to show nothing changed)."""
     return {p.name: p.read_bytes() for p in sorted(store.iterdir()) if p.name != "store.lock"}
+
+
+def acknowledged(lines: list[str], content: bytearray, snaps: dict[str, bytes]) -> list[str]:
+    """Apply the operations kill_child.py reported done (``B <op>`` ... ``E``) to
+    ``content`` and ``snaps``; returns the operation in flight when it died ([]: none)."""
+    pending: list[str] = []
+    for line in lines:
+        if line.startswith("B "):
+            pending = line[2:].split()
+            continue
+        op, pending = pending, []
+        if op[0] == "write":
+            off, length, val = map(int, op[1:])
+            content[off : off + length] = bytes([val]) * length
+        elif op[0] == "create":
+            snaps[op[1]] = bytes(content)
+        elif op[0] == "drop":
+            del snaps[op[1]]
+    return pending

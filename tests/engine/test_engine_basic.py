@@ -11,6 +11,7 @@ from snapimg.blockdev import BlockDevice, Extent
 from snapimg.engine import Engine
 from snapimg.errors import (
     DeviceError,
+    EngineClosedError,
     OutOfRangeError,
     ReadOnlyError,
     ReleasedRangeError,
@@ -177,13 +178,21 @@ def test_devices_after_drop_and_close(image: tuple[Path, bytes], store_dir: Path
     eng.create_snapshot("disk", "s")  # the name is free again; the old device stays dead
     with pytest.raises(SnapshotInvalidError):
         snap.pread(0, 1)
-    assert eng.snapshot_device("disk", "s").pread(0, 4) == orig[:4]
+    live = eng.snapshot_device("disk", "s")
+    assert live.pread(0, 4) == orig[:4]
     eng.close()
     eng.close()  # idempotent
     with pytest.raises(DeviceError):
         origin.pwrite(0, b"x")
     with pytest.raises(DeviceError):
         origin.pread(0, 1)
+    for call in (lambda: live.pread(0, 1), lambda: live.trim(0, BS), live.flush):
+        with pytest.raises(DeviceError, match="the engine is closed"):
+            call()
+    with pytest.raises(EngineClosedError, match="^the engine is closed$"):
+        eng.create_snapshot("disk", "t")
+    with pytest.raises(EngineClosedError):
+        eng.drop_snapshot("disk", "s")
 
 
 def test_origins_share_one_store(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from snapimg.errors import (
     StoreError,
     StoreFormatError,
     StoreMismatchError,
+    UsageError,
 )
 
 
@@ -207,6 +208,11 @@ def test_wrong_origin(made_store: tuple[Path, Path, bytes], tmp_path: Path) -> N
     shorter.write_bytes(orig[:-1])
     _refused(store, {"disk": shorter}, StoreMismatchError, "size")
     _refused(store, {"disk": path}, StoreMismatchError, "block size", block_size=4096)
+    # the same file under another name would bypass disk's snapshots
+    _refused(store, {"again": path}, StoreMismatchError, "already holds .* as origin 'disk'")
+    link = tmp_path / "link.img"
+    os.link(path, link)
+    _refused(store, {"disk": path, "twin": link}, UsageError, "are the same image")
     with Engine.open(store, {"disk": path}) as eng:  # still fine with the right one
         assert eng.snapshot_device("disk", "s").pread(0, len(orig)) == orig
 
@@ -389,7 +395,7 @@ def test_log_hole_after_host_restart_is_cut(tmp_path: Path, image: tuple[Path, b
 
     def unsynced_tail(buf: bytearray) -> None:
         # a lost page (garbage) followed by a surviving later record
-        later = records.encode(records.GenRec(1, 99))
+        later = records.encode(records.DropRec(1, 99))
         buf[end : end + 40 + len(later)] = b"\xff" * 40 + later
 
     _rewrite(store / "store.meta", unsynced_tail)

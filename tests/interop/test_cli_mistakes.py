@@ -34,13 +34,13 @@ def listing(d: Path) -> list[str]:
 
 
 @pytest.fixture
-def silent_socket(tmp_path: Path) -> Iterator[Path]:
-    """A unix socket that accepts connections and never says anything."""
+def silent_socket(tmp_path: Path) -> Iterator[socket.socket]:
+    """A listening unix socket (``silent.sock``) whose connections nobody answers."""
     path = tmp_path / "silent.sock"
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(path))
         sock.listen(16)
-        yield path
+        yield sock
 
 
 def test_control_socket_that_is_not_snapimg(
@@ -231,19 +231,25 @@ def stop_daemon(pid_file: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signals_end_waiting_commands(silent_socket: Path, sig: signal.Signals) -> None:
+def test_signals_end_waiting_commands(
+    silent_socket: socket.socket, sig: signal.Signals
+) -> None:
     expected = {signal.SIGTERM: (143, "terminated"), signal.SIGINT: (130, "interrupted")}[sig]
-    uri = f"nbd+unix:///x?socket={silent_socket}"
-    for args in (["snapshot", "list", "--control", str(silent_socket)],
-                 ["snapshot", "create", "--control", str(silent_socket), "d@s"],
+    path = silent_socket.getsockname()
+    uri = f"nbd+unix:///x?socket={path}"
+    for args in (["snapshot", "list", "--control", str(path)],
+                 ["snapshot", "create", "--control", str(path), "d@s"],
                  ["inspect", uri], ["ls", uri], ["diff", uri, uri],
-                 ["attach", "--qmp", str(silent_socket), "--device", "d0", "d@s"]):
+                 ["attach", "--qmp", str(path), "--device", "d0", "d@s"]):
         proc = subprocess.Popen([*SNAPIMG, *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        time.sleep(1.5)  # it is waiting for an answer that never comes
+        silent_socket.settimeout(60)
+        conn, _ = silent_socket.accept()  # it connected: now waiting for an answer
+        time.sleep(0.3)  # (past its first read)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
+        conn.close()
         assert (proc.returncode, err) == (expected[0], f"snapimg {args[0]}: {expected[1]}\n")
 
 

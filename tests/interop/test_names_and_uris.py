@@ -18,7 +18,13 @@ import pytest
 
 from snapimg.engine import Engine
 from snapimg.errors import UsageError
-from snapimg.names import MAX_NAME_BYTES, RULE, check_snapshot_name, split_snapshot_name
+from snapimg.names import (
+    MAX_NAME_BYTES,
+    RULE,
+    check_export_name,
+    check_snapshot_name,
+    split_snapshot_name,
+)
 from snapimg.nbd.uri import unix_uri
 from tests.interop.qemu_tools import run
 from tests.interop.serving import Serve, snapimg
@@ -104,17 +110,45 @@ def test_cli_control_and_library_refuse_alike(
             cli = snapimg("snapshot", "create", "--control", s.control, f"disk@{name}", check=False)
             assert cli.returncode == 1 and cli.stderr == f"snapimg snapshot: {message}\n"
         response = control_request(s.control, "create_snapshot", origin="disk", snap=name)
-        if name == "":
-            assert response["error"] == {
-                "type": "ControlError", "message": "parameter 'snap' must be a non-empty string",
-            }  # fmt: skip
-        else:
-            assert response["error"] == {"type": "UsageError", "message": message}
+        assert response["error"] == {"type": "UsageError", "message": message}
         if backend == "native":
             assert library_error(img, name) == message
     listed = json.loads(snapimg("snapshot", "list", "--control", s.control, "--json").stdout)
     assert listed == []
     assert s.stop() == 143
+
+
+def test_every_command_refuses_a_bad_name_alike(tmp_path: Path) -> None:
+    """serve, backup and attach judge names by the same rule as snapshot create: the
+    rule's own message, before anything is started or connected."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\0" * MiB)
+    nowhere = str(tmp_path / "no.sock")
+    for name in BAD:
+        if "\0" in name:  # a NUL cannot be an argv string
+            continue
+        with pytest.raises(UsageError) as exc:
+            check_snapshot_name(name)
+        snap_message = str(exc.value)
+        with pytest.raises(UsageError) as exc:
+            check_export_name(name)
+        export_message = str(exc.value)
+        runs = [
+            (["backup", "--control", nowhere, name, "--to", tmp_path / "b"], export_message),
+            (["backup", "--control", nowhere, "disk", "--keep", f"disk@{name}",
+              "--to", tmp_path / "b"], snap_message),
+            (["attach", "--qmp", nowhere, "--device", "ide0", f"disk@{name}"], snap_message),
+        ]
+        if "/" not in name:  # serve reads a NAME=IMAGE with '/' in NAME as an image path
+            spec = f"{name}={img}"
+            runs.append((["serve", spec, "--socket", nowhere, "--control", nowhere,
+                          "--store-dir", tmp_path / "st"],
+                         f"{export_message} (in {spec!r}; give NAME=IMAGE)"))
+        for args, message in runs:
+            proc = snapimg(*args, check=False)
+            assert (proc.returncode, proc.stdout) == (1, ""), (args, proc)
+            assert proc.stderr == f"snapimg {args[0]}: {message}\n", args
+    assert not (tmp_path / "b").exists() and not (tmp_path / "st").exists()
 
 
 @pytest.mark.parametrize("backend", ["native", "qsd"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import struct
 from pathlib import Path
@@ -173,6 +174,21 @@ def test_oversized_write_payload_is_discarded(server: Server) -> None:
     s.sendall(p.REQUEST.pack(p.NBD_REQUEST_MAGIC, 0, p.NBD_CMD_DISC, 10, 0, 0))
     assert s.recv(1) == b""
     s.close()
+
+
+def test_bad_request_magic_ends_the_connection(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    st, _ = server
+    s = raw_handshake(st.sock)
+    with caplog.at_level(logging.WARNING, logger="snapimg.nbd.requests"):
+        s.sendall(p.REQUEST.pack(p.NBD_REQUEST_MAGIC, 0, p.NBD_CMD_READ, 1, 1 << 20, 4))
+        assert p.SIMPLE_REPLY.unpack(recv_exact(s, 16)) == (p.NBD_SIMPLE_REPLY_MAGIC, 0, 1)
+        assert recv_exact(s, 4) == b"\xaa" * 4
+        s.sendall(p.REQUEST.pack(0x12345678, 0, p.NBD_CMD_READ, 2, 0, 4))
+        assert s.recv(1) == b""
+    s.close()
+    assert "bad request magic 0x12345678" in caplog.text
 
 
 def test_replies_out_of_order_and_stalled_clients(server: Server) -> None:

@@ -25,7 +25,9 @@ from qsd_clients import (
     same_bytes,
 )
 
+from snapimg.backends.attach import NBD_SERVER_RUNNING
 from snapimg.backends.qsd.qmp import Qmp
+from snapimg.errors import QemuError
 
 SIZE = 16 * MiB
 DEVICES = ("ide0", "lsi0", "vs0")      # ide-hd, scsi-hd on lsi53c895a, scsi-hd on virtio-scsi
@@ -186,4 +188,20 @@ def test_attach_and_detach_mistakes_are_one_line_errors(vm: Vm) -> None:
                    "--store-dir", str(vm.tmp / "store"))
     assert proc.returncode == 1 and "already attached" in proc.stderr
     detach(vm, "disk@s")
+    assert vm.state() == before
+    # an NBD server snapimg did not start: QEMU refuses a second one (matched on the
+    # error's fields, which this QEMU fills as attach expects), attach refuses to share it
+    other = {"addr": {"type": "unix", "data": {"path": str(vm.tmp / "other.sock")}}}
+    vm.qmp_cmd("nbd-server-start", other)
+    with pytest.raises(QemuError) as err:
+        vm.qmp_cmd("nbd-server-start", other)
+    assert (err.value.error_class, err.value.desc, err.value.command) == (
+        "GenericError", NBD_SERVER_RUNNING, "nbd-server-start")
+    assert str(err.value) == (
+        f"QMP error GenericError: {NBD_SERVER_RUNNING} (command nbd-server-start)")
+    proc = snapimg("attach", "--qmp", str(vm.qmp), "--device", "ide0", "disk@s",
+                   "--store-dir", str(vm.tmp / "store"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "already runs an NBD server that snapimg did not start" in proc.stderr
+    vm.qmp_cmd("nbd-server-stop")
     assert vm.state() == before

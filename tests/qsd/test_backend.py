@@ -259,6 +259,8 @@ def test_qemu_errors_are_one_line_with_class_description_and_command(short_tmp: 
             text = str(err.value)
             assert text.startswith("QMP error GenericError: ") and "\n" not in text
             assert text.endswith("(command blockdev-del)") and "no-such-node" in text
+            assert (err.value.error_class, err.value.command) == ("GenericError", "blockdev-del")
+            assert "no-such-node" in err.value.desc and err.value.desc in text
             with pytest.raises(SnapshotError, match="unknown export"):
                 await b.create_snapshot("nope", "s", max_size=None, writable=False,
                                         on_full="invalidate")

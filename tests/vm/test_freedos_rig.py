@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from snapimg.errors import VmError
 from vmtests import config, controllers
+from vmtests.errors import VmError
 from vmtests.guests import freedos
 from vmtests.machine import DiskSpec, Machine
 

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapimg.errors import UsageError, VmError
+from snapimg.errors import UsageError
 from vmtests.config import REPO, Settings
+from vmtests.errors import VmError
 
 SOURCES = REPO / "images" / "freedos"
 SECTOR = 512

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from snapimg.errors import VmError
 from vmtests import cpio
 from vmtests.config import REPO, Settings
+from vmtests.errors import HostKeyMismatch, VmError
 from vmtests.machine import Machine
 from vmtests.ssh import ClientKey, HostKey, Result, SshSession
 
@@ -186,8 +186,8 @@ class LinuxGuest:
             session = await asyncio.to_thread(
                 SshSession.try_connect, self.boot_files.ssh_port, self.boot_files.client_key,
                 HostKey.generate(), timeout=10.0)
-        except VmError as err:
-            return "host key mismatch" in str(err)
+        except HostKeyMismatch:
+            return True
         if session is not None:
             session.close()
         return False

@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from snapimg.errors import VmError
+from vmtests.errors import VmError
 from vmtests.guests import freedos
 from vmtests.machine import DiskSpec
 from vmtests.scenarios.common import EXPORT, Result, Rig, boot, finish

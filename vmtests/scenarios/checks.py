@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from snapimg.errors import VmError
+from vmtests.errors import VmError
 from vmtests.guests import freedos
 
 CHUNK_SECTORS = 64   # the writer's sectors per INT 13h call (images/freedos/writer.asm)

@@ -14,9 +14,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapimg.errors import VmError
 from vmtests.config import Settings
 from vmtests.controllers import Controller
+from vmtests.errors import VmError
 from vmtests.guests import freedos
 from vmtests.machine import DiskSpec, Machine
 from vmtests.server import SnapimgServer

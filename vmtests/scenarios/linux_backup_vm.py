@@ -24,9 +24,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapimg.errors import VmError
 from vmtests.config import Settings
 from vmtests.controllers import Controller
+from vmtests.errors import VmError
 from vmtests.guests import linux_fs
 from vmtests.guests.linux import MEMORY_MB, BootFiles, GuestVm, LinuxGuest, QemuVm, build_image
 from vmtests.libvirt_driver import Disk, FileDisk, Libvirtd, LibvirtVm, NbdDisk, backup_xml

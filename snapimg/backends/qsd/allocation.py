@@ -9,11 +9,9 @@ synchronous: call :func:`copied_ranges` in a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import nbd
 
-ALLOCATION_DEPTH = "qemu:allocation-depth"
+from snapimg.nbd.allocation import ALLOCATION_DEPTH, depth_one_ranges, status_runs
 
 
 def copied_ranges(uri: str) -> list[tuple[int, int]]:
@@ -24,32 +22,6 @@ def copied_ranges(uri: str) -> list[tuple[int, int]]:
     try:
         if not h.can_meta_context(ALLOCATION_DEPTH):
             raise RuntimeError(f"{uri} does not offer {ALLOCATION_DEPTH}")
-        size = h.get_size()
-        ranges: list[tuple[int, int]] = []
-        offset = 0
-        while offset < size:
-            found: list[int] = []
-            h.block_status(min(size - offset, 1 << 30), offset, _collector(found))
-            if not found:
-                raise RuntimeError(f"{uri}: no block status at offset {offset}")
-            for i in range(0, len(found), 2):
-                length, depth = found[i], found[i + 1]
-                if depth == 1:
-                    if ranges and ranges[-1][0] + ranges[-1][1] == offset:
-                        ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
-                    else:
-                        ranges.append((offset, length))
-                offset += length
-            offset = min(offset, size)
-        return ranges
+        return depth_one_ranges(status_runs(h, ALLOCATION_DEPTH, 0, h.get_size()), 0)
     finally:
         h.shutdown()
-
-
-def _collector(found: list[int]) -> Callable[[str, int, list[int], object], int]:
-    def collect(ctx: str, start: int, entries: list[int], err: object) -> int:
-        if ctx == ALLOCATION_DEPTH:
-            found.extend(entries)
-        return 0
-
-    return collect

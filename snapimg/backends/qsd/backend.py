@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from snapimg.backends.base import ExportInfo, OnFull, SnapshotInfo
+from snapimg.backends.base import ExportInfo
 from snapimg.backends.config import ServeConfig
 from snapimg.backends.qsd import graph, records
 from snapimg.backends.qsd.allocation import copied_ranges
@@ -32,6 +32,7 @@ from snapimg.backends.qsd.graph import COPY_GRANULARITY, OriginNodes, SnapshotNo
 from snapimg.errors import QemuError, SnapshotError, UsageError
 from snapimg.names import check_snapshot_name
 from snapimg.nbd.uri import unix_uri
+from snapimg.snapinfo import OnFull, SnapshotInfo
 from snapimg.sockpath import prepare_unix_socket_path
 from snapimg.units import check_max_size
 

@@ -254,11 +254,6 @@ async def _del_nodes(qmp: Qmp, names: Iterable[str]) -> None:
             await qmp.execute("blockdev-del", {"node-name": name})
 
 
-def dead_node_names(key: str) -> list[str]:
-    """The nodes of an invalid snapshot's export, parents first."""
-    return [f"{key}-dead", f"{key}-dbg", f"{key}-null"]
-
-
 async def add_dead_export(qmp: Qmp, key: str, export_name: str, size: int) -> None:
     """Export ``export_name`` read-only on a node whose every read fails with EIO.
 

@@ -1,8 +1,10 @@
 """A thin typed wrapper over qemu.qmp's asyncio :class:`QMPClient`.
 
 Every failure (a refused command, a lost connection) becomes one
-:class:`snapimg.errors.QemuError` whose text is a single line naming the QMP error
-class, QEMU's description and the command: ``QMP error CLASS: DESC (command NAME)``.
+:class:`snapimg.errors.QemuError` carrying the QMP error class, QEMU's description and
+the command as fields, its text a single line naming them:
+``QMP error CLASS: DESC (command NAME)``.  :func:`execute` is the one place that turns
+qemu.qmp's errors into it, for :class:`Qmp` and the VM test rig's machines alike.
 """
 
 from __future__ import annotations
@@ -32,6 +34,30 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+async def execute(
+    client: QMPClient,
+    command: str,
+    arguments: Mapping[str, object] | None = None,
+    *,
+    where: str | None = None,
+) -> Any:
+    """Run ``command`` on ``client``; return its ``return`` value or raise
+    :class:`QemuError`: with QEMU's error class and description when QEMU refused it,
+    without an error class when the connection was lost.  ``where`` names the QEMU
+    process in the message."""
+    try:
+        return await client.execute(command, arguments)
+    except ExecuteError as err:
+        raise QemuError(
+            _one_line(str(err)), error_class=err.error_class, command=command, where=where
+        ) from None
+    except (QMPError, OSError, EOFError) as err:
+        detail = _one_line(str(err)) or type(err).__name__
+        raise QemuError(
+            f"QMP connection lost: {detail}", command=command, where=where
+        ) from None
+
+
 class Qmp:
     """One QMP session to a QEMU process (qemu-storage-daemon or qemu-system-*)."""
 
@@ -50,16 +76,9 @@ class Qmp:
         return cls(client, path)
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
-        """Run ``command``; return its ``return`` value or raise :class:`QemuError`."""
-        try:
-            return await self._client.execute(command, arguments)
-        except ExecuteError as err:
-            raise QemuError(
-                f"QMP error {err.error_class}: {_one_line(str(err))} (command {command})"
-            ) from None
-        except (QMPError, OSError, EOFError) as err:
-            detail = _one_line(str(err)) or type(err).__name__
-            raise QemuError(f"QMP connection lost: {detail} (command {command})") from None
+        """Run ``command``; return its ``return`` value or raise :class:`QemuError`
+        (:func:`execute`)."""
+        return await execute(self._client, command, arguments)
 
     async def hmp(self, command_line: str) -> str:
         """Run a human monitor command; QEMU reports its errors in the returned text."""

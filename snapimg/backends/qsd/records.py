@@ -13,8 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from snapimg.backends.base import SnapshotInfo
 from snapimg.errors import StoreError
+from snapimg.snapinfo import SnapshotInfo
 
 RECORD_NAME = "qsd-snapshots.json"
 
