@@ -564,7 +564,9 @@ static int snap_block_status(Device *d, OpCtx *ctx, uint64_t off, uint64_t len, 
             if (from_store) {
                 merge(out, n, max, hi - lo, 0);
             } else {
-                for (uint64_t pos = lo; pos < hi && *n < max;) {
+                size_t n_before = *n;
+                uint64_t last_before = *n ? out[*n - 1].length : 0, pos = lo;
+                while (pos < hi && *n < max) {
                     CExtent ext[MAX_ORIGIN_EXTENTS];
                     size_t got;
                     origin_extents(o, pos, hi - pos, ext, MAX_ORIGIN_EXTENTS, &got);
@@ -573,6 +575,17 @@ static int snap_block_status(Device *d, OpCtx *ctx, uint64_t off, uint64_t len, 
                     for (size_t i = 0; i < got; i++) {
                         merge(out, n, max, ext[i].length, ext[i].state);
                         pos += ext[i].length;
+                    }
+                }
+                /* A copy installed while we asked the origin: an origin write (a punched
+                 * hole, zeroes) may already be what we saw there.  Data is always true. */
+                for (uint64_t bb = b; bb < b + nb; bb++) {
+                    if (snap_slot(o->table, bb, limit) >= 0) {
+                        *n = n_before;
+                        if (*n)
+                            out[*n - 1].length = last_before;
+                        merge(out, n, max, (pos < hi ? pos : hi) - lo, 0);
+                        break;
                     }
                 }
             }

@@ -30,6 +30,7 @@ from snapimg.control.quiesce_notes import QuiesceNotes
 from snapimg.control.server import ControlServer
 from snapimg.errors import UsageError
 from snapimg.imagelock import ImageLock
+from snapimg.malloc import pin_mmap_threshold
 from snapimg.names import check_export_name
 from snapimg.sockpath import prepare_unix_socket_path
 from snapimg.units import parse_block_size
@@ -223,6 +224,7 @@ async def start_backend(kind: str, config: ServeConfig) -> Backend:
 
 def _serve(args: argparse.Namespace) -> int:
     config = build_config(args)
+    pin_mmap_threshold()  # resident memory that follows the load, not its history
     ready_pipe: IO[str] | None = None
     if args.daemonize:
         ready_pipe = _daemonize()

@@ -589,12 +589,19 @@ class DataPath:
             if slot >= 0:
                 merge_extent(out, Extent(hi - lo, False, False))
                 continue
+            run: list[Extent] = []
             pos = lo
             while pos < hi:
                 exts = o.file.extents(pos, hi - pos)
                 if not exts:
                     break
-                for ext in exts:
-                    merge_extent(out, ext)
-                    pos += ext.length
+                run.extend(exts)
+                pos += sum(ext.length for ext in exts)
+            # A copy installed while we asked the origin: an origin write (a punched hole,
+            # zeroes) may already be what we saw there.  Data is always a true answer.
+            again = o.index.sources(s, b, count)
+            if len(again) != 1 or again[0][0] >= 0:
+                run = [Extent(pos - lo, False, False)]
+            for ext in run:
+                merge_extent(out, ext)
         return out
