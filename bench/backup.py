@@ -120,10 +120,22 @@ class Server:
         self.control = work / "control.sock"
         self.socket = work / "nbd.sock"
         self.proc = subprocess.Popen(
-            [*SNAPIMG, "serve", f"disk={image}", "--socket", str(self.socket),
-             "--control", str(self.control), "--store-dir", str(work / "store")],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            start_new_session=True)
+            [
+                *SNAPIMG,
+                "serve",
+                f"disk={image}",
+                "--socket",
+                str(self.socket),
+                "--control",
+                str(self.control),
+                "--store-dir",
+                str(work / "store"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 120)
         if not ready or "ready" not in self.proc.stdout.readline():
@@ -134,12 +146,18 @@ class Server:
         return f"nbd+unix:///{export}?socket={self.socket}"
 
     def snapshot(self, name: str) -> None:
-        subprocess.run([*SNAPIMG, "snapshot", "create", "--control", str(self.control),
-                        f"disk@{name}"], check=True, capture_output=True)
+        subprocess.run(
+            [*SNAPIMG, "snapshot", "create", "--control", str(self.control), f"disk@{name}"],
+            check=True,
+            capture_output=True,
+        )
 
     def drop(self, name: str) -> None:
-        subprocess.run([*SNAPIMG, "snapshot", "drop", "--control", str(self.control),
-                        f"disk@{name}"], check=True, capture_output=True)
+        subprocess.run(
+            [*SNAPIMG, "snapshot", "drop", "--control", str(self.control), f"disk@{name}"],
+            check=True,
+            capture_output=True,
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -156,8 +174,11 @@ def qemu_nbd(image: Path, fmt: str, read_only: bool) -> Iterator[str]:
     """qemu-nbd exporting ``image``; yields its URI; the process has exited afterwards."""
     sock = image.with_name(image.name + ".sock")
     cmd = ["qemu-nbd", "-f", fmt, "-k", str(sock), "--pid-file", f"{sock}.pid"]
-    proc = subprocess.Popen([*cmd, *(["-r"] if read_only else []), str(image)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*cmd, *(["-r"] if read_only else []), str(image)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while not Path(f"{sock}.pid").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -181,24 +202,25 @@ def nbdcopy_to_qcow2(uri: str, out: Path, size: int) -> float:
     return time.monotonic() - t0
 
 
-def change_blocks(uri: str, size: int, fraction: float, block: int, seed: int,
-                  run: int = 1) -> int:
+def change_blocks(uri: str, size: int, fraction: float, block: int, seed: int, run: int = 1) -> int:
     """Rewrite ``fraction`` of the blocks: at random, or in aligned runs of ``run`` blocks."""
     rng = random.Random(seed)
     n = max(1, round(size // block * fraction))
     cmds: list[str] = []
     for r in rng.sample(range(size // (block * run)), max(1, n // run)):
         cmds += ["-c", f"write -P {rng.randrange(1, 255)} {r * run * block} {run * block}"]
-    subprocess.run(["qemu-io", "-f", "raw", *cmds, uri], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(["qemu-io", "-f", "raw", *cmds, uri], check=True, stdout=subprocess.DEVNULL)
     return n // run * run
 
 
 def sigterm_stop(ctl: Path, bk: Path) -> float:
     """Seconds from SIGTERM to the exit of a backup that is writing its file."""
     remove(bk)
-    proc = subprocess.Popen([*SNAPIMG, "backup", "--control", str(ctl), "disk", "--to",
-                             str(bk)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*SNAPIMG, "backup", "--control", str(ctl), "disk", "--to", str(bk)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     tmp = bk / ".b0001.qcow2.tmp"
     while not (tmp.exists() and tmp.stat().st_blocks * 512 > 16 * MiB):
         if proc.poll() is not None:
@@ -230,8 +252,11 @@ def run_main(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         for _ in range(args.runs):
             for name, cmd, out in (
-                ("qemu_img_convert_s", ["qemu-img", "convert", "-f", "raw", "-O", "raw",
-                                        uri, str(work / "qi.raw")], work / "qi.raw"),
+                (
+                    "qemu_img_convert_s",
+                    ["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(work / "qi.raw")],
+                    work / "qi.raw",
+                ),
                 ("nbdcopy_s", ["nbdcopy", uri, str(work / "nc.raw")], work / "nc.raw"),
             ):
                 remove(out)
@@ -241,8 +266,9 @@ def run_main(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             remove(work / "nc.qcow2")
             bk = work / "backups"
             remove(bk)
-            t, out_json = timed([*SNAPIMG, "backup", "--control", ctl, "disk", "--to",
-                                 str(bk), "--json"])
+            t, out_json = timed(
+                [*SNAPIMG, "backup", "--control", ctl, "disk", "--to", str(bk), "--json"]
+            )
             if t < best.get("backup_full_s", float("inf")):
                 full = json.loads(out_json)
             keep("backup_full_s", t)
@@ -250,25 +276,66 @@ def run_main(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         # the kept snapshot for the incremental
         bk = work / "backups"
         remove(bk)
-        timed([*SNAPIMG, "backup", "--control", ctl, "disk", "--to", str(bk), "--keep",
-               "disk@base", "--json"])
+        timed(
+            [
+                *SNAPIMG,
+                "backup",
+                "--control",
+                ctl,
+                "disk",
+                "--to",
+                str(bk),
+                "--keep",
+                "disk@base",
+                "--json",
+            ]
+        )
         block = full["block_size"]
         changed = change_blocks(srv.uri("disk"), size, args.change, block, seed=2)
-        t_inc, out_json = timed([*SNAPIMG, "backup", "--control", ctl, "disk", "--to",
-                                 str(bk), "--since", "base", "--keep", "disk@inc", "--json"])
+        t_inc, out_json = timed(
+            [
+                *SNAPIMG,
+                "backup",
+                "--control",
+                ctl,
+                "disk",
+                "--to",
+                str(bk),
+                "--since",
+                "base",
+                "--keep",
+                "disk@inc",
+                "--json",
+            ]
+        )
         inc = json.loads(out_json)
         # the same share of blocks, changed in whole pieces (as a guest writing files
         # does more than scattered 64 KiB blocks): the cost follows the changed pieces
         change_blocks(srv.uri("disk"), size, args.change, block, seed=4, run=PIECE // block)
-        t_clustered, out_json = timed([*SNAPIMG, "backup", "--control", ctl, "disk", "--to",
-                                       str(bk), "--since", "inc", "--json"])
+        t_clustered, out_json = timed(
+            [
+                *SNAPIMG,
+                "backup",
+                "--control",
+                ctl,
+                "disk",
+                "--to",
+                str(bk),
+                "--since",
+                "inc",
+                "--json",
+            ]
+        )
         clustered = json.loads(out_json)
         stop_s = sigterm_stop(srv.control, work / "stopped")
     finally:
         srv.stop()
     t_full = best["backup_full_s"]
     return {
-        "size": size, "data": data, "extent": extent, "runs": args.runs,
+        "size": size,
+        "data": data,
+        "extent": extent,
+        "runs": args.runs,
         "qemu_img_convert_s": round(best["qemu_img_convert_s"], 3),
         "nbdcopy_s": round(best["nbdcopy_s"], 3),
         "nbdcopy_qcow2_s": round(best["nbdcopy_qcow2_s"], 3),
@@ -309,8 +376,9 @@ def run_scale(work: Path) -> dict[str, Any]:
         remove(out)
         srv.drop("ref")
         bk = work / "scale-backups"
-        t_full, full_json, rss = timed_rss([*SNAPIMG, "backup", "--control", str(srv.control),
-                                            "disk", "--to", str(bk), "--json"])
+        t_full, full_json, rss = timed_rss(
+            [*SNAPIMG, "backup", "--control", str(srv.control), "disk", "--to", str(bk), "--json"]
+        )
         full = json.loads(full_json)
     finally:
         srv.stop()
@@ -324,7 +392,8 @@ def run_scale(work: Path) -> dict[str, Any]:
     remove(restored)
     t_verify = timed([*SNAPIMG, "verify", str(bk)])[0]
     return {
-        "size": size, "data": 256 * PIECE,
+        "size": size,
+        "data": 256 * PIECE,
         "nbdcopy_snapshot_s": round(t_nbdcopy, 3),
         "backup_full_s": round(t_full, 3),
         "backup_peak_rss_mib": round(rss / 1024, 1),
@@ -333,8 +402,10 @@ def run_scale(work: Path) -> dict[str, Any]:
         "nbdcopy_point_s": round(t_nbdcopy_point, 3),
         "restore_s": round(t_restore, 3),
         "verify_s": round(t_verify, 3),
-        "target_full_30_s": t_full < 30, "target_restore_60_s": t_restore < 60,
-        "target_verify_30_s": t_verify < 30, "target_rss_300_mib": rss / 1024 < 300,
+        "target_full_30_s": t_full < 30,
+        "target_restore_60_s": t_restore < 60,
+        "target_verify_30_s": t_verify < 30,
+        "target_rss_300_mib": rss / 1024 < 300,
     }
 
 

@@ -89,8 +89,10 @@ def main() -> int:
         print(json.dumps(out, indent=2))
     else:
         for name, r in results.items():
-            print(f"{name}: {r['requests']} requests, {r['errors']} errors "
-                  f"{r['error_types']}, {r['requests_per_s']} req/s, violation: {r['violation']}")
+            print(
+                f"{name}: {r['requests']} requests, {r['errors']} errors "
+                f"{r['error_types']}, {r['requests_per_s']} req/s, violation: {r['violation']}"
+            )
     return 1 if out["violations"] else 0
 
 

@@ -23,8 +23,14 @@ from vmtests import config, controllers
 from vmtests.libvirt_driver import Libvirtd
 from vmtests.scenarios import linux_backup_vm as scenario
 
-KEYS = ["writer_boot_to_ssh_s", "backup_boot_to_ssh_s", "host_read_mib_s", "guest_hash_mib_s",
-        "e2fsck_status", "done_ops_in_snapshot"]
+KEYS = [
+    "writer_boot_to_ssh_s",
+    "backup_boot_to_ssh_s",
+    "host_read_mib_s",
+    "guest_hash_mib_s",
+    "e2fsck_status",
+    "done_ops_in_snapshot",
+]
 
 
 def main() -> int:
@@ -49,35 +55,61 @@ def main() -> int:
                         factory = scenario.qemu_factory(settings, ctl, logs)
                     else:
                         assert daemon is not None
-                        factory = scenario.libvirt_factory(daemon, ctl, logs,
-                                                           f"snapimg-bench-{os.getpid()}")
+                        factory = scenario.libvirt_factory(
+                            daemon, ctl, logs, f"snapimg-bench-{os.getpid()}"
+                        )
                     outcome = asyncio.run(
-                        scenario.writer_and_backup_vm(settings, factory, ctl, work, logs))
-                rows.append({"scenario": "snapimg-snapshot", "driver": driver,
-                             "controller": name, "problems": outcome.problems,
-                             **{k: outcome.facts.get(k) for k in KEYS}})
+                        scenario.writer_and_backup_vm(settings, factory, ctl, work, logs)
+                    )
+                rows.append(
+                    {
+                        "scenario": "snapimg-snapshot",
+                        "driver": driver,
+                        "controller": name,
+                        "problems": outcome.problems,
+                        **{k: outcome.facts.get(k) for k in KEYS},
+                    }
+                )
         if daemon is not None:
             with tempfile.TemporaryDirectory(prefix="bench-linux-") as tmp:
                 work, logs = Path(tmp) / "work", Path(tmp) / "logs"
                 work.mkdir()
                 logs.mkdir()
-                outcome = asyncio.run(scenario.libvirt_pull_backup(
-                    settings, daemon, controllers.get("lsi"), work, logs,
-                    f"snapimg-bench-{os.getpid()}"))
-            rows.append({"scenario": "libvirt-pull-backup", "driver": "libvirt",
-                         "controller": "lsi", "problems": outcome.problems,
-                         **{k: outcome.facts.get(k) for k in KEYS}})
+                outcome = asyncio.run(
+                    scenario.libvirt_pull_backup(
+                        settings,
+                        daemon,
+                        controllers.get("lsi"),
+                        work,
+                        logs,
+                        f"snapimg-bench-{os.getpid()}",
+                    )
+                )
+            rows.append(
+                {
+                    "scenario": "libvirt-pull-backup",
+                    "driver": "libvirt",
+                    "controller": "lsi",
+                    "problems": outcome.problems,
+                    **{k: outcome.facts.get(k) for k in KEYS},
+                }
+            )
     finally:
         if daemon is not None:
             daemon.stop()
     if args.json:
-        print(json.dumps({"accel": settings.accel, "origin_mib": scenario.ORIGIN_MIB,
-                          "rows": rows}, indent=2))
+        print(
+            json.dumps(
+                {"accel": settings.accel, "origin_mib": scenario.ORIGIN_MIB, "rows": rows}, indent=2
+            )
+        )
     else:
         print(f"{'scenario':20} {'driver':8} {'ctl':4} " + " ".join(f"{k:>12.12}" for k in KEYS))
         for row in rows:
-            print(f"{row['scenario']:20} {row['driver']:8} {row['controller']:4} "
-                  + " ".join(f"{row[k]!s:>12.12}" for k in KEYS))
+            print(
+                f"{row['scenario']:20} {row['driver']:8} {row['controller']:4} "
+                + " ".join(f"{row[k]!s:>12.12}" for k in KEYS)
+            )
     return 1 if any(row["problems"] for row in rows) else 0
 
 

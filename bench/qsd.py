@@ -97,8 +97,9 @@ def main() -> int:
         "reps": args.reps,
         "units": {"seq1m": "MiB/s", "rand4k": "IOPS", "snapread": "MiB/s"},
         "qsd_backend": {
-            row: {m: med[f"{row}.{m}"] for m in ("seq1m", "rand4k", "snapread")
-                  if f"{row}.{m}" in med}
+            row: {
+                m: med[f"{row}.{m}"] for m in ("seq1m", "rand4k", "snapread") if f"{row}.{m}" in med
+            }
             for row in ("qsd_nosnap", "qsd_snap")
         },
         "live_snapshots_seq1m": live,
@@ -110,14 +111,20 @@ def main() -> int:
         return 0
     print(f"{'row':<12} {'seq1m MiB/s':>12} {'rand4k IOPS':>12} {'snapread MiB/s':>15}")
     for row, vals in result["qsd_backend"].items():  # type: ignore[attr-defined]
-        print(f"{row:<12} {vals['seq1m']:>12.0f} {vals['rand4k']:>12.0f} "
-              f"{vals.get('snapread', float('nan')):>15.0f}")
-    print(f"\nseq1m first touch (MiB/s) with N live snapshots: {'':<4}"
-          + " ".join(f"{n:>7}" for n in COUNTS))
+        print(
+            f"{row:<12} {vals['seq1m']:>12.0f} {vals['rand4k']:>12.0f} "
+            f"{vals.get('snapread', float('nan')):>15.0f}"
+        )
+    print(
+        f"\nseq1m first touch (MiB/s) with N live snapshots: {'':<4}"
+        + " ".join(f"{n:>7}" for n in COUNTS)
+    )
     for backend, vals in live.items():
         print(f"{backend:<50}" + " ".join(f"{vals[str(n)]:>7.0f}" for n in COUNTS))
-    print(f"native 8 vs 1: {result['native_8_vs_1_snapshots']}, "
-          f"qsd 8 vs 1: {result['qsd_8_vs_1_snapshots']}")
+    print(
+        f"native 8 vs 1: {result['native_8_vs_1_snapshots']}, "
+        f"qsd 8 vs 1: {result['qsd_8_vs_1_snapshots']}"
+    )
     return 0
 
 

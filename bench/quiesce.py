@@ -51,19 +51,30 @@ LINE = re.compile(r"^(\S+ \S+): .*Line \[(.*)\]")
 def _summary(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"median": None, "max": None, "min": None}
-    return {"median": round(statistics.median(values), 1), "max": round(max(values), 1),
-            "min": round(min(values), 1)}
+    return {
+        "median": round(statistics.median(values), 1),
+        "max": round(max(values), 1),
+        "min": round(min(values), 1),
+    }
 
 
-def _row(name: str, driver: str, frozen: list[float], calls: list[float],
-         **extra: Any) -> dict[str, Any]:
-    return {"path": name, "driver": driver, "count": len(frozen),
-            "frozen_ms": _summary(frozen), "call_ms": _summary(calls),
-            "frozen_ms_all": frozen, **extra}
+def _row(
+    name: str, driver: str, frozen: list[float], calls: list[float], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "path": name,
+        "driver": driver,
+        "count": len(frozen),
+        "frozen_ms": _summary(frozen),
+        "call_ms": _summary(calls),
+        "frozen_ms_all": frozen,
+        **extra,
+    }
 
 
-async def snapimg_series(server: SnapimgServer, writer: linux.LinuxGuest, options: list[str],
-                         count: int) -> tuple[list[float], list[float]]:
+async def snapimg_series(
+    server: SnapimgServer, writer: linux.LinuxGuest, options: list[str], count: int
+) -> tuple[list[float], list[float]]:
     frozen, calls = [], []
     for i in range(count):
         began = time.monotonic()
@@ -83,16 +94,17 @@ def _library_once(server: SnapimgServer, options: list[str], snap: str) -> dict[
 
     flag, target = options
     client = ControlClient(server.control)
-    with quiesced(Path(target) if flag == "--qga" else None,
-                  target if flag == "--libvirt" else None) as window:
-        client.create_snapshot("origin", snap, max_size=None, writable=False,
-                               on_full="invalidate")
+    with quiesced(
+        Path(target) if flag == "--qga" else None, target if flag == "--libvirt" else None
+    ) as window:
+        client.create_snapshot("origin", snap, max_size=None, writable=False, on_full="invalidate")
     client.drop_snapshot("origin", snap)
     return window.to_json()
 
 
-async def breakdown_series(server: SnapimgServer, writer: linux.LinuxGuest,
-                           options: list[str], count: int) -> dict[str, Any]:
+async def breakdown_series(
+    server: SnapimgServer, writer: linux.LinuxGuest, options: list[str], count: int
+) -> dict[str, Any]:
     """Median and max of each part of the window: the freeze (the guest syncs its dirty data
     first), the snapshot, the thaw."""
     parts: dict[str, list[float]] = {"freeze_ms": [], "snapshot_ms": [], "thaw_ms": []}
@@ -131,20 +143,27 @@ def frozen_windows(log: str) -> list[float]:
                 freeze_at, thaw_sent = _ms(match[1]), False
             else:
                 thaw_sent = True
-        elif ((match := LINE.match(line)) and thaw_sent and freeze_at is not None
-              and '"return"' in match[2]):
+        elif (
+            (match := LINE.match(line))
+            and thaw_sent
+            and freeze_at is not None
+            and '"return"' in match[2]
+        ):
             windows.append(round(_ms(match[1]) - freeze_at, 1))
             freeze_at, thaw_sent = None, False
     return windows
 
 
-async def libvirt_series(vm: LibvirtVm, workdir: Path, writer: linux.LinuxGuest,
-                         count: int) -> tuple[list[float], list[float], list[str]]:
+async def libvirt_series(
+    vm: LibvirtVm, workdir: Path, writer: linux.LinuxGuest, count: int
+) -> tuple[list[float], list[float], list[str]]:
     import libvirt
 
-    flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
-             | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+    flags = (
+        libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+        | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
+        | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+    )
     log = workdir / "libvirtd-agent.log"
     saved = {kind: _current(kind) for kind in ("filters", "outputs")}
     _virt_admin("daemon-log-outputs", f"1:file:{log} {saved['outputs']}".strip())
@@ -152,9 +171,11 @@ async def libvirt_series(vm: LibvirtVm, workdir: Path, writer: linux.LinuxGuest,
     calls, problems = [], []
     try:
         for i in range(count):
-            xml = (f"<domainsnapshot><name>lv{i}</name><disks><disk name='{vm.disk_target}' "
-                   f"snapshot='external' type='file'><source file='{workdir}/lv{i}.qcow2'/>"
-                   f"</disk></disks></domainsnapshot>")
+            xml = (
+                f"<domainsnapshot><name>lv{i}</name><disks><disk name='{vm.disk_target}' "
+                f"snapshot='external' type='file'><source file='{workdir}/lv{i}.qcow2'/>"
+                f"</disk></disks></domainsnapshot>"
+            )
             began = time.monotonic()
             try:
                 await asyncio.to_thread(vm.domain.snapshotCreateXML, xml, flags)
@@ -168,14 +189,21 @@ async def libvirt_series(vm: LibvirtVm, workdir: Path, writer: linux.LinuxGuest,
         _virt_admin("daemon-log-outputs", saved["outputs"])
     windows = frozen_windows(log.read_text(errors="replace")) if log.exists() else []
     if len(windows) != len(calls):
-        problems.append(f"{len(windows)} frozen windows in libvirtd's log for {len(calls)} "
-                        "snapshots")
+        problems.append(
+            f"{len(windows)} frozen windows in libvirtd's log for {len(calls)} snapshots"
+        )
     return windows, calls, problems
 
 
-async def run_driver(settings: config.Settings, driver: str, ctl: controllers.Controller,
-                     daemon: Libvirtd | None, count: int, workdir: Path,
-                     logs: Path) -> list[dict[str, Any]]:
+async def run_driver(
+    settings: config.Settings,
+    driver: str,
+    ctl: controllers.Controller,
+    daemon: Libvirtd | None,
+    count: int,
+    workdir: Path,
+    logs: Path,
+) -> list[dict[str, Any]]:
     origin = workdir / "origin.img"
     linux.make_origin(origin)
     outcome = linux.Outcome()
@@ -185,17 +213,20 @@ async def run_driver(settings: config.Settings, driver: str, ctl: controllers.Co
         assert daemon is not None
         factory = linux.libvirt_factory(daemon, ctl, logs, f"snapimg-bench-{os.getpid()}")
     rows = []
-    async with SnapimgServer(settings, {"origin": origin}, logs) as server, \
-            scenario.running_writer(server, factory, ctl, settings, workdir, logs, outcome,
-                                    linux.OPS_BEFORE_SNAPSHOT) as (writer, agent):
+    async with (
+        SnapimgServer(settings, {"origin": origin}, logs) as server,
+        scenario.running_writer(
+            server, factory, ctl, settings, workdir, logs, outcome, linux.OPS_BEFORE_SNAPSHOT
+        ) as (writer, agent),
+    ):
         frozen, calls = await snapimg_series(server, writer, agent.options, count)
         parts = await breakdown_series(server, writer, agent.options, count)
-        rows.append(_row(f"snapimg-{agent.options[0].lstrip('-')}", driver, frozen, calls,
-                         breakdown=parts))
+        rows.append(
+            _row(f"snapimg-{agent.options[0].lstrip('-')}", driver, frozen, calls, breakdown=parts)
+        )
         if isinstance(writer.vm, LibvirtVm):
             frozen, calls, problems = await libvirt_series(writer.vm, workdir, writer, count)
-            rows.append(_row("libvirt-external-snapshot", driver, frozen, calls,
-                             problems=problems))
+            rows.append(_row("libvirt-external-snapshot", driver, frozen, calls, problems=problems))
         await linux.stop_writer(writer)
     return rows
 
@@ -218,23 +249,41 @@ def main() -> int:
                 work, logs = Path(tmp) / "work", Path(tmp) / "logs"
                 work.mkdir()
                 logs.mkdir()
-                rows += asyncio.run(run_driver(settings, driver, controllers.get(args.controller),
-                                               daemon, args.count, work, logs))
+                rows += asyncio.run(
+                    run_driver(
+                        settings,
+                        driver,
+                        controllers.get(args.controller),
+                        daemon,
+                        args.count,
+                        work,
+                        logs,
+                    )
+                )
     finally:
         if daemon is not None:
             daemon.stop()
-    result = {"accel": settings.accel, "controller": args.controller, "count": args.count,
-              "loadavg_before": [round(x, 2) for x in load_before],
-              "loadavg_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}
+    result = {
+        "accel": settings.accel,
+        "controller": args.controller,
+        "count": args.count,
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "rows": rows,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{'path':28} {'driver':8} {'n':>3} {'frozen med':>10} {'frozen max':>10} "
-          f"{'call med':>9} {'call max':>9}")
+    print(
+        f"{'path':28} {'driver':8} {'n':>3} {'frozen med':>10} {'frozen max':>10} "
+        f"{'call med':>9} {'call max':>9}"
+    )
     for row in rows:
         f, c = row["frozen_ms"], row["call_ms"]
-        print(f"{row['path']:28} {row['driver']:8} {row['count']:>3} {f['median']!s:>10} "
-              f"{f['max']!s:>10} {c['median']!s:>9} {c['max']!s:>9}")
+        print(
+            f"{row['path']:28} {row['driver']:8} {row['count']:>3} {f['median']!s:>10} "
+            f"{f['max']!s:>10} {c['median']!s:>9} {c['max']!s:>9}"
+        )
         for part, values in row.get("breakdown", {}).items():
             print(f"  {part:26} median {values['median']}, max {values['max']}")
         for problem in row.get("problems", []):

@@ -265,21 +265,41 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8, help="NBD clients (8)")
     ap.add_argument("--datapath", choices=["compiled", "python"], default="compiled")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--event-interval", type=float, default=2.0,
-                    help="mean seconds between snapshot lifecycle actions (2)")
-    ap.add_argument("--backup-interval", type=float, default=30.0,
-                    help="mean seconds between backups (30)")
+    ap.add_argument(
+        "--event-interval",
+        type=float,
+        default=2.0,
+        help="mean seconds between snapshot lifecycle actions (2)",
+    )
+    ap.add_argument(
+        "--backup-interval", type=float, default=30.0, help="mean seconds between backups (30)"
+    )
     ap.add_argument("--max-live", type=int, default=6, help="snapshots the lifecycle keeps (6)")
-    ap.add_argument("--keep-points", type=int, default=8,
-                    help="backup points before a prune halves them (8)")
-    ap.add_argument("--warmup", type=float, help="seconds before the RSS baseline "
-                    "(default: a quarter of the run, at most 60)")
-    ap.add_argument("--rss-limit", type=float, default=1.2,
-                    help="resident memory level after the warm-up / in it (1.2)")
-    ap.add_argument("--hang-timeout", type=float, default=300.0,
-                    help="seconds without an answer that make a hang (300)")
-    ap.add_argument("--trace", action="store_true",
-                    help="log every origin write and snapshot creation to WORK/trace.log")
+    ap.add_argument(
+        "--keep-points", type=int, default=8, help="backup points before a prune halves them (8)"
+    )
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds before the RSS baseline (default: a quarter of the run, at most 60)",
+    )
+    ap.add_argument(
+        "--rss-limit",
+        type=float,
+        default=1.2,
+        help="resident memory level after the warm-up / in it (1.2)",
+    )
+    ap.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=300.0,
+        help="seconds without an answer that make a hang (300)",
+    )
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="log every origin write and snapshot creation to WORK/trace.log",
+    )
     ap.add_argument("--dir", type=Path, help="parent of the work directory (default: TMPDIR)")
     ap.add_argument("--keep-dir", action="store_true", help="keep the work directory")
     ap.add_argument("--json", action="store_true")

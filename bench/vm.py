@@ -38,13 +38,14 @@ from vmtests.machine import DiskSpec, Machine
 from vmtests.server import SnapimgServer
 
 GENS = 4
-RAW_SECTORS = 12288         # 6 MiB per generation (the test disk's raw region holds 14112)
-FILE_KIB = 1024             # 1 MiB file per generation
+RAW_SECTORS = 12288  # 6 MiB per generation (the test disk's raw region holds 14112)
+FILE_KIB = 1024  # 1 MiB file per generation
 MIB = 1 << 20
 
 
-async def measure(settings: config.Settings, controller: str, disk_kind: str,
-                  work: Path) -> dict[str, object]:
+async def measure(
+    settings: config.Settings, controller: str, disk_kind: str, work: Path
+) -> dict[str, object]:
     artifacts = freedos.build(settings)
     origin = work / "origin.img"
     shutil.copyfile(artifacts.test_disk, origin)
@@ -59,17 +60,24 @@ async def measure(settings: config.Settings, controller: str, disk_kind: str,
     else:
         disk = DiskSpec.raw_file("d0", origin)
     job = [freedos.writer_job(1, GENS, RAW_SECTORS, FILE_KIB)]
-    machine = Machine(name="bench", settings=settings, log_dir=work / "logs",
-                      controller=controllers.get(controller), disks=[disk],
-                      serial_ports=freedos.SERIAL_PORTS, extra_args=freedos.guest_args(work),
-                      floppy=freedos.make_floppy(artifacts, work / "floppy.img", job))
+    machine = Machine(
+        name="bench",
+        settings=settings,
+        log_dir=work / "logs",
+        controller=controllers.get(controller),
+        disks=[disk],
+        serial_ports=freedos.SERIAL_PORTS,
+        extra_args=freedos.guest_args(work),
+        floppy=freedos.make_floppy(artifacts, work / "floppy.img", job),
+    )
     try:
         began = time.monotonic()
         await machine.start()
         await machine.console.expect([freedos.BOOTED], timeout=120, phase="boot")
         booted = time.monotonic() - began
-        await machine.console.expect([freedos.WRITER_DONE], [freedos.WRITER_FAILED],
-                                     timeout=900, phase="workload")
+        await machine.console.expect(
+            [freedos.WRITER_DONE], [freedos.WRITER_FAILED], timeout=900, phase="workload"
+        )
         await machine.wait_exit(30)
         lines = machine.console.timed_lines()
     finally:
@@ -77,16 +85,24 @@ async def measure(settings: config.Settings, controller: str, disk_kind: str,
         if server is not None:
             await server.stop()
     at = {line.strip(): t for t, line in lines}
-    raw = [RAW_SECTORS * 512 / MIB / (at[f"GEN {g} FILE F{g % 3}.DAT"] - at[f"GEN {g} RAW"])
-           for g in range(1, GENS + 1)]
-    files = [FILE_KIB / 1024 / (at[f"GEN {g} DONE"] - at[f"GEN {g} FILE F{g % 3}.DAT"])
-             for g in range(1, GENS + 1)]
-    return {"controller": controller, "disk": disk_kind, "datapath": datapath,
-            "accel": settings.accel,
-            "boot_s": round(booted, 2),
-            "raw_first_touch_mib_s": round(raw[0], 2),
-            "raw_overwrite_mib_s": round(statistics.median(raw[1:]), 2),
-            "file_mib_s": round(statistics.median(files), 2)}
+    raw = [
+        RAW_SECTORS * 512 / MIB / (at[f"GEN {g} FILE F{g % 3}.DAT"] - at[f"GEN {g} RAW"])
+        for g in range(1, GENS + 1)
+    ]
+    files = [
+        FILE_KIB / 1024 / (at[f"GEN {g} DONE"] - at[f"GEN {g} FILE F{g % 3}.DAT"])
+        for g in range(1, GENS + 1)
+    ]
+    return {
+        "controller": controller,
+        "disk": disk_kind,
+        "datapath": datapath,
+        "accel": settings.accel,
+        "boot_s": round(booted, 2),
+        "raw_first_touch_mib_s": round(raw[0], 2),
+        "raw_overwrite_mib_s": round(statistics.median(raw[1:]), 2),
+        "file_mib_s": round(statistics.median(files), 2),
+    }
 
 
 RATES = ("raw_first_touch_mib_s", "raw_overwrite_mib_s", "file_mib_s")
@@ -98,19 +114,30 @@ def summarise(rows: list[dict[str, object]]) -> tuple[list[dict[str, object]], d
     groups: dict[tuple[str, str], list[dict[str, object]]] = {}
     for row in rows:
         groups.setdefault((str(row["controller"]), str(row["disk"])), []).append(row)
-    medians = [{"controller": c, "disk": d, "runs": len(rs),
-                **{k: round(statistics.median(float(str(r[k])) for r in rs), 2)
-                   for k in ("boot_s", *RATES)}}
-               for (c, d), rs in groups.items()]
+    medians = [
+        {
+            "controller": c,
+            "disk": d,
+            "runs": len(rs),
+            **{
+                k: round(statistics.median(float(str(r[k])) for r in rs), 2)
+                for k in ("boot_s", *RATES)
+            },
+        }
+        for (c, d), rs in groups.items()
+    ]
     ratios: dict[str, float] = {}
     for (c, d), rs in groups.items():
         if d != "serve" or (c, "file") not in groups:
             continue
         for k in RATES:
-            per_round = [float(str(s[k])) / float(str(f[k]))
-                         for s, f in zip(rs, groups[c, "file"], strict=False)]
+            per_round = [
+                float(str(s[k])) / float(str(f[k]))
+                for s, f in zip(rs, groups[c, "file"], strict=False)
+            ]
             ratios[f"{c}_{k.removesuffix('_mib_s')}_serve_vs_file"] = round(
-                statistics.median(per_round), 3)
+                statistics.median(per_round), 3
+            )
     return medians, ratios
 
 
@@ -119,8 +146,12 @@ def main() -> int:
     parser.add_argument("--controllers", default=",".join(controllers.CONTROLLERS))
     parser.add_argument("--disk", choices=["serve", "file", "both"], default="serve")
     parser.add_argument("--repeat", type=int, default=1, help="rounds (default 1)")
-    parser.add_argument("--datapath", choices=["compiled", "python"], default=None,
-                        help="snapimg serve's data path (default: $SNAPIMG_DATAPATH or compiled)")
+    parser.add_argument(
+        "--datapath",
+        choices=["compiled", "python"],
+        default=None,
+        help="snapimg serve's data path (default: $SNAPIMG_DATAPATH or compiled)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     settings = config.load()
@@ -143,10 +174,20 @@ def main() -> int:
                     print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
     medians, ratios = summarise(rows)
     if args.json:
-        print(json.dumps({"gens": GENS, "raw_mib_per_gen": RAW_SECTORS * 512 / MIB,
-                          "file_mib_per_gen": FILE_KIB / 1024, "repeat": args.repeat,
-                          "results": rows, "medians": medians,
-                          "ratios": ratios}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "gens": GENS,
+                    "raw_mib_per_gen": RAW_SECTORS * 512 / MIB,
+                    "file_mib_per_gen": FILE_KIB / 1024,
+                    "repeat": args.repeat,
+                    "results": rows,
+                    "medians": medians,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+        )
     else:
         if args.repeat > 1:
             for row in medians:

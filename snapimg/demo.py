@@ -68,8 +68,11 @@ def states_matching(base: bytes, plan: list[Write], copy: bytes, lo: int, hi: in
     each candidate state costs one slot comparison instead of a whole-image hash.
     """
     img = bytearray(replay(base, plan[:lo]))
-    differ = {off for off in range(0, len(img), WRITE_SIZE)
-              if img[off : off + WRITE_SIZE] != copy[off : off + WRITE_SIZE]}
+    differ = {
+        off
+        for off in range(0, len(img), WRITE_SIZE)
+        if img[off : off + WRITE_SIZE] != copy[off : off + WRITE_SIZE]
+    }
     for k in range(lo, hi + 1):
         if not differ:
             return k
@@ -103,8 +106,16 @@ def _run(cmd: list[str]) -> str:
 @contextmanager
 def serving(image: Path, work: Path) -> Iterator[tuple[Path, Path]]:
     sock, control = work / "nbd.sock", work / "control.sock"
-    cmd = _snapimg("serve", f"disk={image}", "--socket", str(sock), "--control", str(control),
-                   "--store-dir", str(work / "store"))
+    cmd = _snapimg(
+        "serve",
+        f"disk={image}",
+        "--socket",
+        str(sock),
+        "--control",
+        str(control),
+        "--store-dir",
+        str(work / "store"),
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -128,8 +139,13 @@ class QemuIoWriter:
         self.lock = threading.Lock()
         self.proc = subprocess.Popen(
             # stdbuf: qemu-io's stdout is a pipe here; line buffering lets acks arrive at once
-            ["stdbuf", "-oL", "qemu-io", "-f", "raw", uri], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            ["stdbuf", "-oL", "qemu-io", "-f", "raw", uri],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.stop = threading.Event()
         self.error: str | None = None
@@ -187,8 +203,9 @@ def run_demo(workdir: Path | None = None) -> bool:
             while writer.count() < 40 and writer.thread.is_alive():
                 writer.thread.join(0.01)
             before = writer.count()
-            uri = _run(_snapimg("snapshot", "create", "--control", str(control),
-                                "disk@demo")).strip()
+            uri = _run(
+                _snapimg("snapshot", "create", "--control", str(control), "disk@demo")
+            ).strip()
             after = writer.count()
             print(f"snapshot created while writing: {uri}")
             print(f"  writes acknowledged before create: {before}, by its return: {after}")
@@ -196,8 +213,9 @@ def run_demo(workdir: Path | None = None) -> bool:
             _run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(copy)])
             during = writer.count()
             total = writer.finish()
-            print(f"  writes acknowledged while the backup copied: {during - after}, "
-                  f"in all: {total}")
+            print(
+                f"  writes acknowledged while the backup copied: {during - after}, in all: {total}"
+            )
             listing = _run(_snapimg("snapshot", "list", "--control", str(control)))
             print("  " + listing.strip().replace("\n", "\n  "))
         copy_data = copy.read_bytes()
@@ -208,12 +226,20 @@ def run_demo(workdir: Path | None = None) -> bool:
         if k is not None:
             print(f"image after exactly {count(k, 'write')}  {sha256(replay(base, plan[:k]))}")
         else:
-            print(f"no image state between {before} and {count(after + 1, 'write')} matches "
-                  "the copy")
-        print(f"origin now, after {count(total, 'write')} {now} "
-              f"({'holds every write' if now == expected_now else 'WRONG'})")
+            print(
+                f"no image state between {before} and {count(after + 1, 'write')} matches the copy"
+            )
+        print(
+            f"origin now, after {count(total, 'write')} {now} "
+            f"({'holds every write' if now == expected_now else 'WRONG'})"
+        )
         ok = k is not None and now == expected_now and now != sha256(copy_data)
-        print("RESULT: " + ("the snapshot copy is the image exactly as it was at snapshot time"
-                            if ok else "MISMATCH"))
+        print(
+            "RESULT: "
+            + (
+                "the snapshot copy is the image exactly as it was at snapshot time"
+                if ok
+                else "MISMATCH"
+            )
+        )
         return ok
-

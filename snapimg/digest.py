@@ -75,8 +75,9 @@ class ZeroSpan:
     length: int
 
 
-def split_pieces(runs: Iterable[Run], piece_size: int = PIECE_SIZE
-                 ) -> Iterator[PiecePlan | ZeroSpan]:
+def split_pieces(
+    runs: Iterable[Run], piece_size: int = PIECE_SIZE
+) -> Iterator[PiecePlan | ZeroSpan]:
     """Cut (offset, length, zero) runs covering whole pieces, in order, into pieces; whole
     pieces inside a zero run come as one :class:`ZeroSpan` (a 10 TiB hole is one item).
 
@@ -123,15 +124,16 @@ def hash_piece(plan: PiecePlan, buf: memoryview) -> bytes:
             hash_zeroes(h, n)
         else:
             rel = off - plan.offset
-            h.update(buf[rel:rel + n])
+            h.update(buf[rel : rel + n])
     return h.digest()
 
 
 class PieceDigests:
     """The piece digests of one image of ``size`` bytes; absent pieces are all zero."""
 
-    def __init__(self, size: int, piece_size: int = PIECE_SIZE,
-                 digests: dict[int, bytes] | None = None) -> None:
+    def __init__(
+        self, size: int, piece_size: int = PIECE_SIZE, digests: dict[int, bytes] | None = None
+    ) -> None:
         self.size = size
         self.piece_size = piece_size
         self.count = piece_count(size, piece_size)
@@ -187,7 +189,7 @@ class PieceDigests:
                     continue
                 k = min(stop, self.count - 1) - pos
                 k = min(k, len(run) // DIGEST_SIZE)
-                h.update(run[:k * DIGEST_SIZE])
+                h.update(run[: k * DIGEST_SIZE])
                 pos += k
 
         for index, digest in self.nonzero():
@@ -203,8 +205,12 @@ class PieceDigests:
         return next((i for i in keys if self.get(i) != other.get(i)), None)
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, PieceDigests) and self.size == other.size
-                and self.piece_size == other.piece_size and self._digests == other._digests)
+        return (
+            isinstance(other, PieceDigests)
+            and self.size == other.size
+            and self.piece_size == other.piece_size
+            and self._digests == other._digests
+        )
 
     def __hash__(self) -> int:  # mutable: not hashable in the usual sense
         raise TypeError("PieceDigests is mutable")

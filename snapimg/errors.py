@@ -156,8 +156,14 @@ class QemuError(SnapimgError):
     it.  The message: ``[WHERE: ][QMP error CLASS: ]DESC[ (command COMMAND)]``.
     """
 
-    def __init__(self, desc: str, *, error_class: str | None = None,
-                 command: str | None = None, where: str | None = None) -> None:
+    def __init__(
+        self,
+        desc: str,
+        *,
+        error_class: str | None = None,
+        command: str | None = None,
+        where: str | None = None,
+    ) -> None:
         self.desc = desc
         self.error_class = error_class
         self.command = command
@@ -175,8 +181,14 @@ class QgaError(SnapimgError):
     ...) when the agent answered with an error, None when it could not be reached;
     ``desc`` is its description and ``command`` the command (``guest-fsfreeze-freeze``)."""
 
-    def __init__(self, desc: str, *, command: str | None = None,
-                 error_class: str | None = None, where: str | None = None) -> None:
+    def __init__(
+        self,
+        desc: str,
+        *,
+        command: str | None = None,
+        error_class: str | None = None,
+        where: str | None = None,
+    ) -> None:
         self.desc = desc
         self.command = command
         self.error_class = error_class

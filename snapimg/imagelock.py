@@ -209,9 +209,7 @@ class ImageLock:
         self._fd = fd
 
     @classmethod
-    def acquire(
-        cls, path: Path, perm: Perm = SERVE_PERM, shared: Perm = SERVE_SHARED
-    ) -> ImageLock:
+    def acquire(cls, path: Path, perm: Perm = SERVE_PERM, shared: Perm = SERVE_SHARED) -> ImageLock:
         """Lock ``path`` as QEMU would to use it with ``perm``, sharing only ``shared``.
 
         Raises :class:`ImageInUseError` (QEMU's words: ``Failed to get "write" lock``)

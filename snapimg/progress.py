@@ -28,9 +28,16 @@ class Progress:
     output stay clean.
     """
 
-    def __init__(self, label: str, total: int, stream: TextIO | None = None,
-                 enabled: bool | None = None, hz: float = 8.0, delay: float = 0.0,
-                 erase: bool = False) -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+        hz: float = 8.0,
+        delay: float = 0.0,
+        erase: bool = False,
+    ) -> None:
         self.label = label
         self.total = total
         self.done = 0
@@ -65,8 +72,10 @@ class Progress:
         filled = min(width, int(frac * width))
         bar = "#" * filled + "-" * (width - filled)
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        return (f"{self.label} [{bar}] {format_size(self.done)} / {format_size(self.total)}"
-                f"  {min(frac, 1.0) * 100:.0f}%  {format_size(int(rate))}/s  ETA {_clock(eta)}")
+        return (
+            f"{self.label} [{bar}] {format_size(self.done)} / {format_size(self.total)}"
+            f"  {min(frac, 1.0) * 100:.0f}%  {format_size(int(rate))}/s  ETA {_clock(eta)}"
+        )
 
     def _draw(self, now: float) -> None:
         text = self.line(now)

@@ -67,9 +67,17 @@ class QemuExport:
     export only the first ``raw_size`` bytes of the file.
     """
 
-    def __init__(self, path: Path, fmt: str, *, writable: bool = False, locking: bool = True,
-                 allocation_depth: bool = False, no_flush: bool = False,
-                 raw_size: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        fmt: str,
+        *,
+        writable: bool = False,
+        locking: bool = True,
+        allocation_depth: bool = False,
+        no_flush: bool = False,
+        raw_size: int | None = None,
+    ) -> None:
         if shutil.which(QSD_BINARY) is None:
             raise QemuError(f"{QSD_BINARY} not found (install the qemu-utils package)")
         self.path = path
@@ -78,25 +86,45 @@ class QemuExport:
         sock = self._dir / "nbd.sock"
         pidfile = self._dir / "qsd.pid"
         node: dict[str, Any] = {
-            "driver": fmt, "node-name": "img", "read-only": not writable,
-            "file": {"driver": "file", "filename": str(path.absolute()),
-                     "locking": "on" if locking else "off"},
+            "driver": fmt,
+            "node-name": "img",
+            "read-only": not writable,
+            "file": {
+                "driver": "file",
+                "filename": str(path.absolute()),
+                "locking": "on" if locking else "off",
+            },
         }
         if no_flush:
             node["cache"] = {"no-flush": True}
         if raw_size is not None:  # raw only: the first raw_size bytes of the file
             node["size"] = raw_size
-        export = (f"type=nbd,id=exp,node-name=img,name={EXPORT_NAME},"
-                  f"writable={'on' if writable else 'off'}")
+        export = (
+            f"type=nbd,id=exp,node-name=img,name={EXPORT_NAME},"
+            f"writable={'on' if writable else 'off'}"
+        )
         if allocation_depth:
             export += ",allocation-depth=on"
-        cmd = [QSD_BINARY, "--blockdev", json.dumps(node),
-               "--nbd-server", f"addr.type=unix,addr.path={sock}",
-               "--export", export, "--pidfile", str(pidfile)]
+        cmd = [
+            QSD_BINARY,
+            "--blockdev",
+            json.dumps(node),
+            "--nbd-server",
+            f"addr.type=unix,addr.path={sock}",
+            "--export",
+            export,
+            "--pidfile",
+            str(pidfile),
+        ]
         self._log = (self._dir / "stderr.log").open("w+b")
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         self.uri = f"nbd+unix:///{EXPORT_NAME}?socket={sock}"
         try:
             self._wait_ready(pidfile)
@@ -109,11 +137,14 @@ class QemuExport:
         deadline = time.monotonic() + _START_TIMEOUT
         while not (pidfile.exists() and pidfile.stat().st_size > 0):
             if self._proc.poll() is not None:
-                raise QemuError(f"qemu-storage-daemon could not open {self.path}: "
-                                f"{self._error_line()}")
+                raise QemuError(
+                    f"qemu-storage-daemon could not open {self.path}: {self._error_line()}"
+                )
             if time.monotonic() > deadline:
-                raise QemuError(f"qemu-storage-daemon did not start within "
-                                f"{_START_TIMEOUT:.0f} s for {self.path}")
+                raise QemuError(
+                    f"qemu-storage-daemon did not start within "
+                    f"{_START_TIMEOUT:.0f} s for {self.path}"
+                )
             time.sleep(0.005)
 
     def _error_line(self) -> str:
@@ -144,8 +175,10 @@ class QemuExport:
                     proc.wait()
                     raise
             if not kill and proc.returncode not in (0, -signal.SIGTERM):
-                raise QemuError(f"qemu-storage-daemon failed on {self.path} "
-                                f"(status {proc.returncode}): {self._error_line()}")
+                raise QemuError(
+                    f"qemu-storage-daemon failed on {self.path} "
+                    f"(status {proc.returncode}): {self._error_line()}"
+                )
         if not self._log.closed:
             self._log.close()
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -153,6 +186,7 @@ class QemuExport:
     def __enter__(self) -> QemuExport:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close(kill=t is not None)

@@ -12,8 +12,12 @@ from snapimg.units import SIZE_SYNTAX, count
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "snapimg.cli.main", *args],
-                          capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "snapimg.cli.main", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def leaves() -> list[argparse.ArgumentParser]:
@@ -61,21 +65,33 @@ def test_every_command_has_help_and_the_common_options() -> None:
                 assert "(SIZE, e.g. " in action.help or "(SIZE, default " in action.help, (
                     f"{p.prog} {action.option_strings}: {action.help}"
                 )
-            if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings \
-                    and not isinstance(action, argparse._CountAction):
+            if (
+                action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings
+                and not isinstance(action, argparse._CountAction)
+            ):
                 assert "default" in action.help, f"{p.prog} {action.option_strings}"
-    for expected in ("snapimg serve", "snapimg snapshot create", "snapimg snapshot release",
-                     "snapimg inspect", "snapimg checksum", "snapimg backup", "snapimg attach"):
+    for expected in (
+        "snapimg serve",
+        "snapimg snapshot create",
+        "snapimg snapshot release",
+        "snapimg inspect",
+        "snapimg checksum",
+        "snapimg backup",
+        "snapimg attach",
+    ):
         assert expected in names
     for p in leaves():
         assert run(*p.prog.split()[1:], "--help").returncode == 0
 
 
 def test_quiet_and_verbose_before_or_after_the_command(tmp_path: object) -> None:
-    for args in (["-q", "snapshot", "list", "--control", "/nonexistent/c"],
-                 ["snapshot", "list", "-q", "--control", "/nonexistent/c"],
-                 ["-vv", "snapshot", "list", "--control", "/nonexistent/c"],
-                 ["snapshot", "list", "--verbose", "--control", "/nonexistent/c"]):
+    for args in (
+        ["-q", "snapshot", "list", "--control", "/nonexistent/c"],
+        ["snapshot", "list", "-q", "--control", "/nonexistent/c"],
+        ["-vv", "snapshot", "list", "--control", "/nonexistent/c"],
+        ["snapshot", "list", "--verbose", "--control", "/nonexistent/c"],
+    ):
         proc = run(*args)
         assert proc.returncode == 1, proc.stderr
         assert proc.stderr == "snapimg snapshot: no snapimg server is running at /nonexistent/c\n"

@@ -97,8 +97,9 @@ def violations(rank: dict[str, int]) -> list[str]:
             if want > have:
                 found.append(f"{where}: layer {want} above {source}'s layer {have}")
             elif want == have and (PACKAGE / source).is_dir():
-                found.append(f"{where}: packages of one layer ({have}) import nothing "
-                             f"of each other")
+                found.append(
+                    f"{where}: packages of one layer ({have}) import nothing of each other"
+                )
     return found
 
 
@@ -111,8 +112,9 @@ def test_the_check_finds_an_upward_import() -> None:
     rank = layers(ARCHITECTURE.read_text())
     swapped = {**rank, "engine": rank["backends"], "backends": rank["engine"]}
     found = violations(swapped)
-    assert any(v.startswith("snapimg/backends/native.py") and "snapimg.engine" in v
-               for v in found), found
+    assert any(
+        v.startswith("snapimg/backends/native.py") and "snapimg.engine" in v for v in found
+    ), found
     one_layer = {**rank, "inspect": rank["backup"]}
     found = violations(one_layer)
     assert any(v.startswith("snapimg/inspect/point.py") and "one layer" in v for v in found)

@@ -6,8 +6,15 @@ from snapimg.units import format_size, parse_block_size, parse_size
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("64K", 65536), ("64KiB", 65536), ("1m", 1 << 20), ("2G", 2 << 30),
-     ("1T", 1 << 40), (" 8 K ", 8192)],
+    [
+        ("4096", 4096),
+        ("64K", 65536),
+        ("64KiB", 65536),
+        ("1m", 1 << 20),
+        ("2G", 2 << 30),
+        ("1T", 1 << 40),
+        (" 8 K ", 8192),
+    ],
 )
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value

@@ -57,8 +57,9 @@ def _run(args: argparse.Namespace) -> int:
             began = time.monotonic()
             with tempfile.TemporaryDirectory(prefix="vmtests-") as work:
                 try:
-                    result = run_scenario(name, controller, settings, Path(work), log_dir,
-                                          args.backend)
+                    result = run_scenario(
+                        name, controller, settings, Path(work), log_dir, args.backend
+                    )
                     problems = result.problems
                     facts = result.facts
                 except (SnapimgError, VmError) as err:
@@ -68,13 +69,22 @@ def _run(args: argparse.Namespace) -> int:
             failed += not ok
             if ok and not args.keep_logs:
                 shutil.rmtree(log_dir, ignore_errors=True)
-            reports.append({"scenario": name, "controller": controller,
-                            "backend": args.backend, "passed": ok,
-                            "seconds": seconds, "problems": problems, "facts": facts,
-                            "logs": None if ok and not args.keep_logs else str(log_dir)})
+            reports.append(
+                {
+                    "scenario": name,
+                    "controller": controller,
+                    "backend": args.backend,
+                    "passed": ok,
+                    "seconds": seconds,
+                    "problems": problems,
+                    "facts": facts,
+                    "logs": None if ok and not args.keep_logs else str(log_dir),
+                }
+            )
             if not args.json:
-                print(f"{'PASS' if ok else 'FAIL'} {name} [{controller}, {args.backend}] "
-                      f"{seconds}s")
+                print(
+                    f"{'PASS' if ok else 'FAIL'} {name} [{controller}, {args.backend}] {seconds}s"
+                )
                 for problem in problems:
                     print(f"  - {problem}")
                 if not ok:
@@ -88,14 +98,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vmtests", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("build", help="build the FreeDOS boot floppy and test disk").set_defaults(
-        func=_build)
+        func=_build
+    )
     sub.add_parser("list", help="scenarios and controllers").set_defaults(func=_list)
     run = sub.add_parser("run", help="run a scenario (or 'all') on controllers")
     run.add_argument("scenario", choices=[*SCENARIOS, "all"])
-    run.add_argument("-c", "--controller", action="append", choices=list(CONTROLLERS),
-                     help="repeatable; default ide")
-    run.add_argument("--backend", choices=["native", "qsd"], default="native",
-                     help="snapimg serve --backend (default native)")
+    run.add_argument(
+        "-c",
+        "--controller",
+        action="append",
+        choices=list(CONTROLLERS),
+        help="repeatable; default ide",
+    )
+    run.add_argument(
+        "--backend",
+        choices=["native", "qsd"],
+        default="native",
+        help="snapimg serve --backend (default native)",
+    )
     run.add_argument("--json", action="store_true", help="print results as JSON")
     run.add_argument("--keep-logs", action="store_true", help="keep logs of passed runs too")
     run.set_defaults(func=_run)

@@ -64,10 +64,24 @@ def _kvm_probe() -> str | None:
     """None if QEMU can initialise KVM here, else QEMU's complaint."""
     try:
         result = subprocess.run(
-            ["qemu-system-x86_64", "-accel", "kvm", "-machine", "none", "-nodefaults",
-             "-display", "none", "-no-user-config", "-qmp", "stdio"],
+            [
+                "qemu-system-x86_64",
+                "-accel",
+                "kvm",
+                "-machine",
+                "none",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-no-user-config",
+                "-qmp",
+                "stdio",
+            ],
             input='{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
-            capture_output=True, text=True, timeout=30)
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"SNAPIMG_ACCEL=kvm but QEMU could not start with KVM: {err}"
     if result.returncode != 0:

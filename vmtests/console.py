@@ -29,7 +29,7 @@ def _compile(patterns: Sequence[Pattern]) -> list[re.Pattern[str]]:
 class _Port:
     log_path: Path
     lines: list[str] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)   # time.monotonic() at arrival
+    times: list[float] = field(default_factory=list)  # time.monotonic() at arrival
     partial: str = ""
     closed: bool = False
     cursor: int = 0  # first line not consumed by expect()
@@ -38,7 +38,7 @@ class _Port:
 
 class Console:
     def __init__(self, log_dir: Path, prefix: str, timeout_scale: float = 1.0) -> None:
-        self._timeout_scale = timeout_scale   # multiplies every expect() timeout
+        self._timeout_scale = timeout_scale  # multiplies every expect() timeout
         self._log_dir = log_dir
         self._prefix = prefix
         self._ports: dict[str, _Port] = {}

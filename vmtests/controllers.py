@@ -19,11 +19,11 @@ HBA_ID = "hba0"
 @dataclass(frozen=True)
 class Controller:
     name: str
-    machine_type: str          # QEMU machine: "pc" (i440fx + PIIX IDE) or "q35" (ICH9 AHCI)
-    hba_device: str | None     # the -device of the host adapter, None if built into the machine
-    kind: str                  # "ide", "ahci" or "scsi"
+    machine_type: str  # QEMU machine: "pc" (i440fx + PIIX IDE) or "q35" (ICH9 AHCI)
+    hba_device: str | None  # the -device of the host adapter, None if built into the machine
+    kind: str  # "ide", "ahci" or "scsi"
     supports_read_only: bool
-    reverses_disk_order: bool = False   # BIOS order reversed when no bootindex is given
+    reverses_disk_order: bool = False  # BIOS order reversed when no bootindex is given
     max_disks: int = 4
 
     def machine_args(self) -> list[str]:
@@ -55,10 +55,17 @@ CONTROLLERS: dict[str, Controller] = {
         Controller("ide", "pc", None, "ide", supports_read_only=False),
         Controller("ahci", "q35", None, "ahci", supports_read_only=False),
         Controller("lsi", "pc", f"lsi53c895a,id={HBA_ID}", "scsi", supports_read_only=True),
-        Controller("megasas", "pc", f"megasas,id={HBA_ID}", "scsi", supports_read_only=True,
-                   reverses_disk_order=True),
-        Controller("virtio-scsi", "pc", f"virtio-scsi-pci,id={HBA_ID}", "scsi",
-                   supports_read_only=True),
+        Controller(
+            "megasas",
+            "pc",
+            f"megasas,id={HBA_ID}",
+            "scsi",
+            supports_read_only=True,
+            reverses_disk_order=True,
+        ),
+        Controller(
+            "virtio-scsi", "pc", f"virtio-scsi-pci,id={HBA_ID}", "scsi", supports_read_only=True
+        ),
     )
 }
 
@@ -69,6 +76,4 @@ def get(name: str) -> Controller:
     except KeyError:
         from snapimg.errors import UsageError
 
-        raise UsageError(
-            f"unknown controller {name!r} (known: {', '.join(CONTROLLERS)})"
-        ) from None
+        raise UsageError(f"unknown controller {name!r} (known: {', '.join(CONTROLLERS)})") from None

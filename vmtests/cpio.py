@@ -40,8 +40,19 @@ def symlink(path: str, target: str) -> Entry:
 
 def _header(ino: int, entry: Entry, name: bytes, nlink: int) -> bytes:
     fields = (
-        ino, entry.mode, entry.uid, entry.gid, nlink, 0, len(entry.data),
-        0, 0, 0, 0, len(name) + 1, 0,
+        ino,
+        entry.mode,
+        entry.uid,
+        entry.gid,
+        nlink,
+        0,
+        len(entry.data),
+        0,
+        0,
+        0,
+        0,
+        len(name) + 1,
+        0,
     )
     return b"070701" + b"".join(b"%08X" % value for value in fields)
 

@@ -80,9 +80,22 @@ def _ensure_account() -> None:
     if subprocess.run(["getent", "group", "libvirt-qemu"], capture_output=True).returncode:
         subprocess.run(["groupadd", "--system", "libvirt-qemu"], check=True, capture_output=True)
     if subprocess.run(["getent", "passwd", "libvirt-qemu"], capture_output=True).returncode:
-        subprocess.run(["useradd", "--system", "--no-create-home", "-g", "libvirt-qemu",
-                        "-d", "/var/lib/libvirt", "-s", "/usr/sbin/nologin", "libvirt-qemu"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "-g",
+                "libvirt-qemu",
+                "-d",
+                "/var/lib/libvirt",
+                "-s",
+                "/usr/sbin/nologin",
+                "libvirt-qemu",
+            ],
+            check=True,
+            capture_output=True,
+        )
 
 
 def _prepare_host() -> None:
@@ -95,8 +108,10 @@ def _prepare_host() -> None:
         QEMU_CONF.parent.mkdir(parents=True, exist_ok=True)
         QEMU_CONF.write_text(QEMU_CONF_TEXT)
     elif 'user = "root"' not in QEMU_CONF.read_text():
-        raise VmError(f"{QEMU_CONF} exists without 'user = \"root\"': the rig needs the lines "
-                      "of vmtests/libvirt_driver.QEMU_CONF_TEXT (see docs/linux-guest.md)")
+        raise VmError(
+            f"{QEMU_CONF} exists without 'user = \"root\"': the rig needs the lines "
+            "of vmtests/libvirt_driver.QEMU_CONF_TEXT (see docs/linux-guest.md)"
+        )
 
 
 def _try_open() -> Any:
@@ -119,8 +134,12 @@ class Libvirtd:
         if conn is not None:
             return cls(conn, None)
         _prepare_host()
-        proc = subprocess.run(["libvirtd", "--daemon", "--pid-file", str(PID_FILE)],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["libvirtd", "--daemon", "--pid-file", str(PID_FILE)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if proc.returncode != 0:
             raise VmError(f"libvirtd --daemon failed: {proc.stderr.strip()[-300:]}")
         deadline = time.monotonic() + timeout
@@ -167,18 +186,28 @@ def _disk_target(controller: Controller) -> tuple[str, str, str]:
 
 def _disk_xml(disk: Disk, target: str, bus: str) -> str:
     if isinstance(disk, NbdDisk):
-        source = (f"<source protocol='nbd' name={quoteattr(disk.export)}>"
-                  f"<host transport='unix' socket={quoteattr(str(disk.socket))}/></source>")
+        source = (
+            f"<source protocol='nbd' name={quoteattr(disk.export)}>"
+            f"<host transport='unix' socket={quoteattr(str(disk.socket))}/></source>"
+        )
         kind = "network"
     else:
         source = f"<source file={quoteattr(str(disk.path))}/>"
         kind = "file"
-    return (f"<disk type='{kind}' device='disk'><driver name='qemu' type='raw' cache='none'/>"
-            f"{source}<target dev='{target}' bus='{bus}'/></disk>")
+    return (
+        f"<disk type='{kind}' device='disk'><driver name='qemu' type='raw' cache='none'/>"
+        f"{source}<target dev='{target}' bus='{bus}'/></disk>"
+    )
 
 
-def domain_xml(name: str, controller: Controller, disk: Disk, boot: BootFiles,
-               console_log: Path, memory_mb: int) -> str:
+def domain_xml(
+    name: str,
+    controller: Controller,
+    disk: Disk,
+    boot: BootFiles,
+    console_log: Path,
+    memory_mb: int,
+) -> str:
     target, bus, controller_xml = _disk_target(controller)
     qemu_args = ["-netdev", boot.netdev(), "-device", "virtio-net-pci,netdev=net0,addr=0x1e"]
     args_xml = "".join(f"<qemu:arg value={quoteattr(arg)}/>" for arg in qemu_args)
@@ -214,8 +243,16 @@ def domain_xml(name: str, controller: Controller, disk: Disk, boot: BootFiles,
 class LibvirtVm:
     """A persistent libvirt domain defined from :func:`domain_xml`; undefined on close."""
 
-    def __init__(self, daemon: Libvirtd, name: str, controller: Controller, disk: Disk,
-                 boot: BootFiles, log_dir: Path, memory_mb: int) -> None:
+    def __init__(
+        self,
+        daemon: Libvirtd,
+        name: str,
+        controller: Controller,
+        disk: Disk,
+        boot: BootFiles,
+        log_dir: Path,
+        memory_mb: int,
+    ) -> None:
         self.name = name
         self.conn = daemon.conn
         self.log_dir = log_dir
@@ -254,8 +291,11 @@ class LibvirtVm:
             state, reason = self.domain.state()
         except libvirt.libvirtError as err:
             return f"libvirt: {err}"
-        if state in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_CRASHED,
-                     libvirt.VIR_DOMAIN_SHUTOFF):
+        if state in (
+            libvirt.VIR_DOMAIN_PAUSED,
+            libvirt.VIR_DOMAIN_CRASHED,
+            libvirt.VIR_DOMAIN_SHUTOFF,
+        ):
             return f"libvirt domain state {state} (reason {reason})"
         return None
 
@@ -267,17 +307,21 @@ class LibvirtVm:
     async def close(self) -> None:
         domain, self.domain = self.domain, None
         if domain is not None:
+
             def stop() -> None:
                 with contextlib.suppress(libvirt.libvirtError):
                     domain.destroy()
                 with contextlib.suppress(libvirt.libvirtError):
                     domain.undefine()
+
             await asyncio.to_thread(stop)
         self._copy_qemu_log()
 
 
 def backup_xml(socket: Path, disk_target: str, scratch: Path) -> str:
     """A pull-mode backup of one disk, exported as ``disk_target`` on a unix socket."""
-    return (f"<domainbackup mode='pull'><server transport='unix' socket={quoteattr(str(socket))}/>"
-            f"<disks><disk name='{disk_target}' backup='yes' type='file'>"
-            f"<scratch file={quoteattr(str(scratch))}/></disk></disks></domainbackup>")
+    return (
+        f"<domainbackup mode='pull'><server transport='unix' socket={quoteattr(str(socket))}/>"
+        f"<disks><disk name='{disk_target}' backup='yes' type='file'>"
+        f"<scratch file={quoteattr(str(scratch))}/></disk></disks></domainbackup>"
+    )

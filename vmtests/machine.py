@@ -47,8 +47,7 @@ class DiskSpec:
 
     @classmethod
     def nbd_unix(cls, node: str, socket: Path, export: str, read_only: bool = False) -> DiskSpec:
-        tree = {"driver": "nbd", "server": {"type": "unix", "path": str(socket)},
-                "export": export}
+        tree = {"driver": "nbd", "server": {"type": "unix", "path": str(socket)}, "export": export}
         return cls(node, tree, read_only)
 
     @classmethod
@@ -87,9 +86,17 @@ class Machine:
                 base = f"{disk.node}-base"
                 args += ["-blockdev", json.dumps({**tree, "node-name": base, "read-only": True})]
                 overlay = self._make_overlay(disk)
-                args += ["-blockdev", json.dumps({
-                    "driver": "qcow2", "node-name": disk.node, "backing": base,
-                    "file": {"driver": "file", "filename": str(overlay)}})]
+                args += [
+                    "-blockdev",
+                    json.dumps(
+                        {
+                            "driver": "qcow2",
+                            "node-name": disk.node,
+                            "backing": base,
+                            "file": {"driver": "file", "filename": str(overlay)},
+                        }
+                    ),
+                ]
             else:
                 tree.update({"node-name": disk.node, "read-only": disk.read_only})
                 args += ["-blockdev", json.dumps(tree)]
@@ -98,12 +105,17 @@ class Machine:
     def _make_overlay(self, disk: DiskSpec) -> Path:
         """A qcow2 overlay so a read-only disk can sit on IDE; guest writes stay in it."""
         overlay = self._run_dir / f"{disk.node}-overlay.qcow2"
-        tree = disk.blockdev if disk.blockdev["driver"] == "raw" else {
-            "driver": "raw", "file": disk.blockdev}
+        tree = (
+            disk.blockdev
+            if disk.blockdev["driver"] == "raw"
+            else {"driver": "raw", "file": disk.blockdev}
+        )
         backing = "json:" + json.dumps({**tree, "read-only": True})
         result = subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, str(overlay)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if result.returncode != 0:
             raise QemuError(f"qemu-img create overlay for {disk.node}: {result.stderr.strip()}")
@@ -111,18 +123,39 @@ class Machine:
 
     def command(self) -> list[str]:
         ctl = self.controller
-        args = [QEMU, "-machine", ctl.machine_type, *self.settings.accel_args(),
-                "-m", str(self.memory_mb), "-display", "none", "-no-user-config",
-                "-nodefaults", "-name", self.name,
-                "-chardev", f"socket,id=qmp,path={self._run_dir / 'qmp'},server=on,wait=off",
-                "-mon", "chardev=qmp,mode=control"]
+        args = [
+            QEMU,
+            "-machine",
+            ctl.machine_type,
+            *self.settings.accel_args(),
+            "-m",
+            str(self.memory_mb),
+            "-display",
+            "none",
+            "-no-user-config",
+            "-nodefaults",
+            "-name",
+            self.name,
+            "-chardev",
+            f"socket,id=qmp,path={self._run_dir / 'qmp'},server=on,wait=off",
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]
         for port in self.serial_ports:
             path = self._run_dir / port
-            args += ["-chardev", f"socket,id={port},path={path},server=on,wait=on",
-                     "-serial", f"chardev:{port}"]
+            args += [
+                "-chardev",
+                f"socket,id={port},path={path},server=on,wait=on",
+                "-serial",
+                f"chardev:{port}",
+            ]
         if self.floppy is not None:
-            args += ["-drive", f"if=floppy,format=raw,file={self.floppy}",
-                     "-global", "isa-fdc.bootindexA=0"]
+            args += [
+                "-drive",
+                f"if=floppy,format=raw,file={self.floppy}",
+                "-global",
+                "isa-fdc.bootindexA=0",
+            ]
         args += ctl.machine_args() + self._blockdev_args()
         for index, disk in enumerate(self.disks):
             args += ["-device", ctl.disk_device(index, disk.node, bootindex=index + 1)]
@@ -139,7 +172,8 @@ class Machine:
             out.write(" ".join(cmd) + "\n")
             out.flush()
             self.process = await asyncio.create_subprocess_exec(
-                *cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                *cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            )
         try:
             attach = asyncio.ensure_future(self._attach(timeout))
             died = asyncio.ensure_future(self.process.wait())
@@ -157,8 +191,10 @@ class Machine:
                 with contextlib.suppress(BaseException):
                     await attach
             lines = log.read_text(errors="replace").splitlines()[1:]
-            raise VmError(f"{self.name}: QEMU exited with status {self.process.returncode} "
-                          f"at start: {lines[-1] if lines else 'no message'}")
+            raise VmError(
+                f"{self.name}: QEMU exited with status {self.process.returncode} "
+                f"at start: {lines[-1] if lines else 'no message'}"
+            )
         except BaseException:
             await self.close()
             raise
@@ -177,8 +213,10 @@ class Machine:
                 return
             except (QMPError, OSError) as err:
                 if self.process is not None and self.process.returncode is not None:
-                    raise VmError(f"{self.name}: QEMU exited with status "
-                                  f"{self.process.returncode} (see {self.name}-qemu.log)") from err
+                    raise VmError(
+                        f"{self.name}: QEMU exited with status "
+                        f"{self.process.returncode} (see {self.name}-qemu.log)"
+                    ) from err
                 if loop.time() > deadline:
                     raise VmError(f"{self.name}: no QMP connection within {timeout:g}s") from err
                 await asyncio.sleep(0.05)

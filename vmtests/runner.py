@@ -13,9 +13,15 @@ from vmtests.scenarios.common import Result, ServerFactory, open_rig
 from vmtests.server import SnapimgServer
 
 
-def run_scenario(name: str, controller: str, settings: Settings, workdir: Path, log_dir: Path,
-                 backend: str = "native",
-                 server_factory: ServerFactory = SnapimgServer) -> Result:
+def run_scenario(
+    name: str,
+    controller: str,
+    settings: Settings,
+    workdir: Path,
+    log_dir: Path,
+    backend: str = "native",
+    server_factory: ServerFactory = SnapimgServer,
+) -> Result:
     if name not in SCENARIOS:
         raise UsageError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
     ctl = controllers.get(controller)

@@ -33,13 +33,13 @@ def nbd_uri(socket: Path, export: str) -> str:
 @dataclass
 class SnapimgServer:
     settings: Settings
-    images: dict[str, Path]          # export name -> raw image
+    images: dict[str, Path]  # export name -> raw image
     log_dir: Path
-    backend: str = "native"          # snapimg serve --backend native|qsd
+    backend: str = "native"  # snapimg serve --backend native|qsd
     process: asyncio.subprocess.Process | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.run_dir = Path(tempfile.mkdtemp(prefix="snapimg-srv-"))   # short socket paths
+        self.run_dir = Path(tempfile.mkdtemp(prefix="snapimg-srv-"))  # short socket paths
         self.socket = self.run_dir / "nbd.sock"
         self.control = self.run_dir / "control.sock"
         self.store_dir = self.run_dir / "store"
@@ -51,17 +51,28 @@ class SnapimgServer:
     async def start(self, timeout: float = 30.0) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.store_dir.mkdir()
-        cmd = [*self.settings.snapimg_command(), "serve",
-               *(f"{name}={path}" for name, path in self.images.items()),
-               "--socket", str(self.socket), "--control", str(self.control),
-               "--store-dir", str(self.store_dir)]
+        cmd = [
+            *self.settings.snapimg_command(),
+            "serve",
+            *(f"{name}={path}" for name, path in self.images.items()),
+            "--socket",
+            str(self.socket),
+            "--control",
+            str(self.control),
+            "--store-dir",
+            str(self.store_dir),
+        ]
         if self.backend != "native":
             cmd += ["--backend", self.backend]
         with self.log_path.open("w") as log:
             log.write(" ".join(cmd) + "\n")
             self.process = await asyncio.create_subprocess_exec(
-                *cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                start_new_session=True)
+                *cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+            )
         assert self.process.stdout is not None
         try:
             line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
@@ -77,20 +88,27 @@ class SnapimgServer:
     async def cli(self, *args: str) -> str:
         """Run ``snapimg ARGS``; its stdout (stripped); a non-zero exit raises VmError."""
         proc = await asyncio.create_subprocess_exec(
-            *self.settings.snapimg_command(), *args,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            *self.settings.snapimg_command(), *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         if proc.returncode != 0:
             raise VmError(f"snapimg {' '.join(args)}: {err.decode().strip()}")
         return out.decode().strip()
 
-    async def snapshot_create(self, export: str, snap: str, writable: bool = False,
-                              options: Sequence[str] = ()) -> str:
+    async def snapshot_create(
+        self, export: str, snap: str, writable: bool = False, options: Sequence[str] = ()
+    ) -> str:
         """Create snapshot ``export@snap`` (``options``: more ``snapshot create`` options, e.g.
         ``--quiesce --qga SOCKET``); its NBD URI as snapimg prints it."""
-        uri = await self.cli("snapshot", "create", "--control", str(self.control),
-                             f"{export}@{snap}", *(["--writable"] if writable else []),
-                             *options)
+        uri = await self.cli(
+            "snapshot",
+            "create",
+            "--control",
+            str(self.control),
+            f"{export}@{snap}",
+            *(["--writable"] if writable else []),
+            *options,
+        )
         if not uri.startswith("nbd+unix://"):
             raise VmError(f"snapimg snapshot create printed {uri!r}, not an nbd+unix URI")
         return uri.splitlines()[-1]
@@ -98,7 +116,8 @@ class SnapimgServer:
     async def snapshot_list(self) -> list[dict[str, Any]]:
         """``snapimg snapshot list --json``."""
         result: list[dict[str, Any]] = json.loads(
-            await self.cli("snapshot", "list", "--control", str(self.control), "--json"))
+            await self.cli("snapshot", "list", "--control", str(self.control), "--json")
+        )
         return result
 
     async def snapshot_drop(self, export: str, snap: str) -> None:
@@ -157,8 +176,9 @@ async def nbd_copy(uri: str, dest: Path, rate_limit: int | None = None) -> None:
     if rate_limit:
         cmd += ["-r", str(rate_limit)]
     cmd += [uri, str(dest)]
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE,
-                                                stderr=subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _, err = await proc.communicate()
     if proc.returncode != 0:
         raise VmError(f"qemu-img convert {uri}: {err.decode().strip()}")

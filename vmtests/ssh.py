@@ -42,10 +42,14 @@ class HostKey:
     @classmethod
     def generate(cls) -> HostKey:
         key = Ed25519PrivateKey.generate()
-        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
-        public = key.public_key().public_bytes(serialization.Encoding.Raw,
-                                               serialization.PublicFormat.Raw)
+        seed = key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
         return cls(seed, public)
 
     def dropbear_file(self) -> bytes:
@@ -66,10 +70,16 @@ class ClientKey:
     @classmethod
     def generate(cls) -> ClientKey:
         key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption()).decode()
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                               serialization.PublicFormat.OpenSSH).decode()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ).decode()
+        public = (
+            key.public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode()
+        )
         return cls(pem, f"{public} snapimg-vmtests\n")
 
     def paramiko_key(self) -> paramiko.PKey:
@@ -86,8 +96,9 @@ class Result:
     def check(self) -> Result:
         if self.status != 0:
             tail = (self.stderr or self.stdout).strip().splitlines()[-3:]
-            raise VmError(f"guest command {self.command[:60]!r} exited {self.status}: "
-                          + " | ".join(tail))
+            raise VmError(
+                f"guest command {self.command[:60]!r} exited {self.status}: " + " | ".join(tail)
+            )
         return self
 
 
@@ -99,9 +110,16 @@ class SshSession:
         self._log_file = log_file
 
     @classmethod
-    def try_connect(cls, port: int, client_key: ClientKey, host_key: HostKey, *,
-                    timeout: float, log_file: Path | None = None,
-                    host: str = "127.0.0.1") -> SshSession | None:
+    def try_connect(
+        cls,
+        port: int,
+        client_key: ClientKey,
+        host_key: HostKey,
+        *,
+        timeout: float,
+        log_file: Path | None = None,
+        host: str = "127.0.0.1",
+    ) -> SshSession | None:
         """One login attempt: a session, or None if the guest is not answering yet.
 
         A host key other than the pinned one is never "not yet": it raises
@@ -112,9 +130,17 @@ class SshSession:
         pinned = host_key.paramiko_key()
         client.get_host_keys().add(f"[{host}]:{port}", pinned.get_name(), pinned)
         try:
-            client.connect(host, port, username="root", pkey=client_key.paramiko_key(),
-                           timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
-                           look_for_keys=False, allow_agent=False)
+            client.connect(
+                host,
+                port,
+                username="root",
+                pkey=client_key.paramiko_key(),
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+                look_for_keys=False,
+                allow_agent=False,
+            )
             return cls(client, log_file)
         except paramiko.BadHostKeyException as err:
             client.close()
@@ -125,20 +151,35 @@ class SshSession:
             return None
 
     @classmethod
-    def connect(cls, port: int, client_key: ClientKey, host_key: HostKey, *, timeout: float,
-                log_file: Path | None = None, host: str = "127.0.0.1") -> SshSession:
+    def connect(
+        cls,
+        port: int,
+        client_key: ClientKey,
+        host_key: HostKey,
+        *,
+        timeout: float,
+        log_file: Path | None = None,
+        host: str = "127.0.0.1",
+    ) -> SshSession:
         """Connect, retrying while the guest starts (slirp resets early connections)."""
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
-            session = cls.try_connect(port, client_key, host_key, timeout=min(5.0, remaining),
-                                      log_file=log_file, host=host)
+            session = cls.try_connect(
+                port,
+                client_key,
+                host_key,
+                timeout=min(5.0, remaining),
+                log_file=log_file,
+                host=host,
+            )
             if session is not None:
                 return session
             time.sleep(0.2)
         raise VmError(f"ssh {host}:{port}: no login within {timeout:g}s")
 
-    def run(self, command: str, *, timeout: float, stdin: bytes | None = None,
-            check: bool = True) -> Result:
+    def run(
+        self, command: str, *, timeout: float, stdin: bytes | None = None, check: bool = True
+    ) -> Result:
         """Run ``command`` (by the guest's /bin/sh); VmError after ``timeout`` seconds."""
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
@@ -161,8 +202,11 @@ class SshSession:
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
                     busy = True
-                if chan.exit_status_ready() and not chan.recv_ready() \
-                        and not chan.recv_stderr_ready():
+                if (
+                    chan.exit_status_ready()
+                    and not chan.recv_ready()
+                    and not chan.recv_stderr_ready()
+                ):
                     break
                 if time.monotonic() > deadline:
                     self._record(command, None, out, err, time.monotonic() - started)
@@ -175,15 +219,22 @@ class SshSession:
         finally:
             chan.close()
         self._record(command, status, out, err, time.monotonic() - started)
-        result = Result(command, status, out.decode(errors="replace"),
-                        err.decode(errors="replace"))
+        result = Result(command, status, out.decode(errors="replace"), err.decode(errors="replace"))
         return result.check() if check else result
 
-    def _record(self, command: str, status: int | None, out: bytes | bytearray,
-                err: bytes | bytearray, seconds: float) -> None:
-        text = (f"$ {command}\n{out.decode(errors='replace')}"
-                + (f"[stderr]\n{err.decode(errors='replace')}" if err else "")
-                + f"[exit {status if status is not None else 'timeout'}, {seconds:.1f}s]\n")
+    def _record(
+        self,
+        command: str,
+        status: int | None,
+        out: bytes | bytearray,
+        err: bytes | bytearray,
+        seconds: float,
+    ) -> None:
+        text = (
+            f"$ {command}\n{out.decode(errors='replace')}"
+            + (f"[stderr]\n{err.decode(errors='replace')}" if err else "")
+            + f"[exit {status if status is not None else 'timeout'}, {seconds:.1f}s]\n"
+        )
         log.info("%s", text.rstrip())
         if self._log_file is not None:
             with self._log_file.open("a", encoding="utf-8") as handle:
@@ -191,8 +242,7 @@ class SshSession:
 
     def start_background(self, command: str, *, timeout: float) -> None:
         """Start ``command`` detached in the guest (survives this channel); output to a file."""
-        self.run(f"setsid sh -c {_quote(command)} >/tmp/bg.log 2>&1 </dev/null &",
-                 timeout=timeout)
+        self.run(f"setsid sh -c {_quote(command)} >/tmp/bg.log 2>&1 </dev/null &", timeout=timeout)
 
     def close(self) -> None:
         self._client.close()

@@ -49,9 +49,9 @@ class CrashState:
 Choice = tuple[FileEvent, frozenset[int] | None]  # an event and its torn sectors (None: whole)
 
 
-def _apply(cp: CrashPoint, chosen: dict[int, list[Choice]], prefixes: dict[int, int]) -> tuple[
-    dict[int, Image], dict[int, dict[str, int]]
-]:
+def _apply(
+    cp: CrashPoint, chosen: dict[int, list[Choice]], prefixes: dict[int, int]
+) -> tuple[dict[int, Image], dict[int, dict[str, int]]]:
     images = dict(cp.images)
     for fid, evs in chosen.items():
         if not evs:
@@ -97,9 +97,9 @@ def kill_states(cp: CrashPoint, next_event: object, rng: random.Random) -> Itera
         yield CrashState("kill-torn", cp.k, images, dirs, f"next write torn at byte {cut}")
 
 
-def power_states(cp: CrashPoint, rng: random.Random, samples: int, omissions: int) -> Iterator[
-    CrashState
-]:
+def power_states(
+    cp: CrashPoint, rng: random.Random, samples: int, omissions: int
+) -> Iterator[CrashState]:
     pending = [(f, i, ev) for f, evs in cp.pending.items() for i, ev in enumerate(evs)]
 
     def pick(keep: set[tuple[int, int]], tear: float) -> dict[int, list[Choice]]:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from reliability.fuzz import wire
 from reliability.fuzz.host import BLOCK, SIZE, Host
 from reliability.fuzz.targets import FuzzFailure, TransmissionTarget
-from snapimg.backends.base import OnFull
 from snapimg.blockdev import BlockDevice
+from snapimg.snapinfo import OnFull
 
 CYCLE = 20  # inputs per transient snapshot
 LIMIT = 4 * BLOCK  # max size of the limited configurations

@@ -26,8 +26,11 @@ def option(opt: int, data: bytes = b"", magic: int = p.IHAVEOPT) -> bytes:
 
 def info_data(name: str, requests: tuple[int, ...] = ()) -> bytes:
     raw = name.encode()
-    return p.U32.pack(len(raw)) + raw + p.U16.pack(len(requests)) + b"".join(
-        p.U16.pack(r) for r in requests
+    return (
+        p.U32.pack(len(raw))
+        + raw
+        + p.U16.pack(len(requests))
+        + b"".join(p.U16.pack(r) for r in requests)
     )
 
 

@@ -57,8 +57,9 @@ def node_key(name: str) -> str:
     return "si" + hashlib.sha1(name.encode()).hexdigest()[:12]
 
 
-async def attach(qmp_path: Path, device: str, name: str, store_dir: Path,
-                 socket: Path | None) -> Attached:
+async def attach(
+    qmp_path: Path, device: str, name: str, store_dir: Path, socket: Path | None
+) -> Attached:
     split_snapshot_name(name)
     qmp = await Qmp.connect(qmp_path)
     try:
@@ -92,8 +93,9 @@ async def detach(qmp_path: Path, name: str) -> None:
     qmp = await Qmp.connect(qmp_path)
     try:
         key = node_key(name)
-        infos = {n["node-name"]: n for n in await qmp.execute("query-named-block-nodes",
-                                                              {"flat": True})}
+        infos = {
+            n["node-name"]: n for n in await qmp.execute("query-named-block-nodes", {"flat": True})
+        }
         tf = infos.get(f"{key}-tf")
         if f"{key}-t" not in infos or tf is None:
             raise SnapshotError(f"no snapshot {name} is attached to this QEMU")
@@ -133,16 +135,18 @@ async def _below_snapimg_filters(qmp: Qmp, node: str) -> str:
     ids = {n["name"]: n["id"] for n in graph_["nodes"]}
     names = {n["id"]: n["name"] for n in graph_["nodes"]}
     while _FILTER.match(node):
-        [child] = [e["child"] for e in graph_["edges"]
-                   if e["parent"] == ids[node] and e["name"] == "file"]
+        [child] = [
+            e["child"] for e in graph_["edges"] if e["parent"] == ids[node] and e["name"] == "file"
+        ]
         node = str(names[child])
     return node
 
 
 async def _marker_socket(qmp: Qmp) -> Path | None:
     try:
-        return Path(await qmp.execute("qom-get", {"path": f"/objects/{NBD_MARKER}",
-                                                  "property": "identity"}))
+        return Path(
+            await qmp.execute("qom-get", {"path": f"/objects/{NBD_MARKER}", "property": "identity"})
+        )
     except QemuError:
         return None
 
@@ -161,16 +165,20 @@ async def ensure_nbd_server(qmp: Qmp, wanted: Path | None, default: Path) -> tup
     if len(str(socket)) > 100:
         raise UsageError(f"socket path {socket} is too long for a unix socket")
     try:
-        await qmp.execute("nbd-server-start", {"addr": {"type": "unix",
-                                                        "data": {"path": str(socket)}}})
+        await qmp.execute(
+            "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket)}}}
+        )
     except QemuError as err:
         if err.error_class == "GenericError" and err.desc == NBD_SERVER_RUNNING:
-            raise UsageError("this QEMU already runs an NBD server that snapimg did not start "
-                             "(stop it with nbd-server-stop first)") from None
+            raise UsageError(
+                "this QEMU already runs an NBD server that snapimg did not start "
+                "(stop it with nbd-server-stop first)"
+            ) from None
         raise
     os.chmod(socket, 0o600)
-    await qmp.execute("object-add", {"qom-type": "authz-simple", "id": NBD_MARKER,
-                                     "identity": str(socket)})
+    await qmp.execute(
+        "object-add", {"qom-type": "authz-simple", "id": NBD_MARKER, "identity": str(socket)}
+    )
     return socket, True
 
 

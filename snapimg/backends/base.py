@@ -36,9 +36,7 @@ class Backend(Protocol):
 
     async def list_snapshots(self) -> list[SnapshotInfo]: ...
 
-    async def release(
-        self, origin: str, snap: str, offset: int, length: int
-    ) -> tuple[int, int]:
+    async def release(self, origin: str, snap: str, offset: int, length: int) -> tuple[int, int]:
         """Free store space of a range the backup reader has copied; it then reads as EIO.
 
         Only whole blocks are freed: returns the (offset, length) released, and raises

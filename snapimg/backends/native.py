@@ -97,9 +97,7 @@ class NativeBackend:
     async def list_snapshots(self) -> list[SnapshotInfo]:
         return await asyncio.to_thread(self.engine.snapshots)
 
-    async def release(
-        self, origin: str, snap: str, offset: int, length: int
-    ) -> tuple[int, int]:
+    async def release(self, origin: str, snap: str, offset: int, length: int) -> tuple[int, int]:
         self._check_origin(origin)
         export = self.table.get(f"{origin}@{snap}")
         if export is None:

@@ -43,13 +43,17 @@ def resolve(directory: Path, manifest: Manifest, backup_id: str) -> list[BackupR
     while rec.parent is not None:
         parent = manifest.find(rec.parent)
         if parent is None:
-            raise BackupError(f"broken chain: backup {rec.id} needs parent {rec.parent}, "
-                              f"which is not in the manifest")
+            raise BackupError(
+                f"broken chain: backup {rec.id} needs parent {rec.parent}, "
+                f"which is not in the manifest"
+            )
         if parent.id in seen:
             raise BackupError(f"broken chain: backup {rec.id} loops back to {parent.id}")
         if parent.size != rec.size:
-            raise BackupError(f"broken chain: backup {rec.id} ({rec.size} bytes) and its "
-                              f"parent {parent.id} ({parent.size} bytes) differ in size")
+            raise BackupError(
+                f"broken chain: backup {rec.id} ({rec.size} bytes) and its "
+                f"parent {parent.id} ({parent.size} bytes) differ in size"
+            )
         seen.add(parent.id)
         out.append(parent)
         rec = parent
@@ -60,8 +64,9 @@ def resolve(directory: Path, manifest: Manifest, backup_id: str) -> list[BackupR
     return out
 
 
-def overlay(base: list[Segment], overrides: Iterable[tuple[int, int, bool]],
-            path: Path, size: int) -> list[Segment]:
+def overlay(
+    base: list[Segment], overrides: Iterable[tuple[int, int, bool]], path: Path, size: int
+) -> list[Segment]:
     """``base`` with each (offset, length, is_data) override taken from ``path`` or zero."""
     out: list[Segment] = []
     i = 0
@@ -140,7 +145,7 @@ def hash_segments(segments: list[Segment], progress: Progress | None = None) -> 
                     continue
                 done = 0
                 while done < n:
-                    view = memoryview(buf)[:min(n - done, READ_CHUNK)]
+                    view = memoryview(buf)[: min(n - done, READ_CHUNK)]
                     if os.preadv(fd, [view], off + done) != len(view):
                         raise BackupError(f"{seg.path}: short read at {off + done}")
                     sha.update(view)

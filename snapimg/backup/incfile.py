@@ -53,11 +53,17 @@ def table_offset(size: int) -> int:
 
 def write_table(fd: int, table: IncTable) -> int:
     """Append the range table and footer after the image part; returns the file length."""
-    body = json.dumps({
-        "format": FORMAT, "version": VERSION, "size": table.size,
-        "block_size": table.block_size,
-        "data": [list(r) for r in table.data], "zero": [list(r) for r in table.zero],
-    }, separators=(",", ":")).encode()
+    body = json.dumps(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "size": table.size,
+            "block_size": table.block_size,
+            "data": [list(r) for r in table.data],
+            "zero": [list(r) for r in table.zero],
+        },
+        separators=(",", ":"),
+    ).encode()
     off = table_offset(table.size)
     footer = _FOOTER.pack(MAGIC, off, len(body), zlib.crc32(body))
     os.pwrite(fd, body + footer, off)
@@ -86,9 +92,12 @@ def read_table(path: Path) -> IncTable:
     obj = json.loads(body)
     if obj.get("format") != FORMAT or obj.get("version") != VERSION:
         raise BackupError(f"{path}: unknown incremental format")
-    table = IncTable(int(obj["size"]), int(obj["block_size"]),
-                     [(int(o), int(n)) for o, n in obj["data"]],
-                     [(int(o), int(n)) for o, n in obj["zero"]])
+    table = IncTable(
+        int(obj["size"]),
+        int(obj["block_size"]),
+        [(int(o), int(n)) for o, n in obj["data"]],
+        [(int(o), int(n)) for o, n in obj["zero"]],
+    )
     if table_offset(table.size) != off:
         raise BackupError(f"{path}: table offset does not match the image size")
     for o, n in table.data + table.zero:

@@ -69,16 +69,26 @@ class BackupResult:
         rec = self.record
         mib_s = self.copy.bytes_read / (1 << 20) / self.duration if self.duration > 0 else 0.0
         return {
-            "id": rec.id, "parent": rec.parent, "kind": rec.kind, "snapshot": rec.snapshot,
-            "snapshot_kept": rec.snapshot_kept, "file": rec.file, "size": rec.size,
-            "bytes_read": self.copy.bytes_read, "bytes_written": rec.bytes_written,
+            "id": rec.id,
+            "parent": rec.parent,
+            "kind": rec.kind,
+            "snapshot": rec.snapshot,
+            "snapshot_kept": rec.snapshot_kept,
+            "file": rec.file,
+            "size": rec.size,
+            "bytes_read": self.copy.bytes_read,
+            "bytes_written": rec.bytes_written,
             "bytes_skipped": self.copy.bytes_skipped,
-            "changed_blocks": self.changed_blocks, "block_size": rec.block_size,
+            "changed_blocks": self.changed_blocks,
+            "block_size": rec.block_size,
             "pieces_hashed": self.pieces_hashed,
-            "duration": round(self.duration, 3), "mib_per_s": round(mib_s, 1),
+            "duration": round(self.duration, 3),
+            "mib_per_s": round(mib_s, 1),
             "copy_duration": round(self.copy_duration, 3),
             "verify_duration": round(self.verify_duration, 3),
-            "digest": rec.digest, "sha256": rec.sha256, "notice": self.notice,
+            "digest": rec.digest,
+            "sha256": rec.sha256,
+            "notice": self.notice,
         }
 
 
@@ -95,9 +105,11 @@ def writable_directory(directory: Path) -> Iterator[None]:
     elif not directory.is_dir():
         raise UsageError(f"--to {directory} is not a directory")
     elif not (directory / manifest.MANIFEST_NAME).exists() and any(
-            not _LEFTOVER.fullmatch(p.name) for p in directory.iterdir()):
-        raise UsageError(f"--to {directory} is not a backup directory (no manifest.json) "
-                         f"and is not empty")
+        not _LEFTOVER.fullmatch(p.name) for p in directory.iterdir()
+    ):
+        raise UsageError(
+            f"--to {directory} is not a backup directory (no manifest.json) and is not empty"
+        )
     try:
         with manifest.locked(directory):
             yield
@@ -107,14 +119,23 @@ def writable_directory(directory: Path) -> Iterator[None]:
                 directory.rmdir()
 
 
-def run_backup(source: SnapshotSource, origin: str, directory: Path, *, since: str | None,
-               keep: str | None, sha256: bool = False,
-               progress: bool = False) -> BackupResult:
+def run_backup(
+    source: SnapshotSource,
+    origin: str,
+    directory: Path,
+    *,
+    since: str | None,
+    keep: str | None,
+    sha256: bool = False,
+    progress: bool = False,
+) -> BackupResult:
     """Back up ``origin`` of ``source`` into ``directory`` (see module doc)."""
     notices = []
     if since is not None and not source.supports_incremental:
-        notices.append(f"this source cannot list the blocks changed since {origin}@{since}: "
-                       f"taking a full backup instead of an incremental")
+        notices.append(
+            f"this source cannot list the blocks changed since {origin}@{since}: "
+            f"taking a full backup instead of an incremental"
+        )
         since = None
     with writable_directory(directory):
         man = manifest.load(directory)
@@ -122,15 +143,19 @@ def run_backup(source: SnapshotSource, origin: str, directory: Path, *, since: s
             from snapimg.backup.migrate import migrate
 
             man = migrate(directory, man, progress=progress)
-            notices.append(f"converted {directory} from the version-1 format (raw and .inc "
-                           f"files) to qcow2 points")
+            notices.append(
+                f"converted {directory} from the version-1 format (raw and .inc "
+                f"files) to qcow2 points"
+            )
         _recover(source, directory, man)
         parent: BackupRecord | None = None
         if since is not None:
             parent = man.latest_of_snapshot(f"{origin}@{since}")
             if parent is None:
-                raise BackupError(f"no backup in {directory} was taken from {origin}@{since}; "
-                                  f"take a full backup with --keep {origin}@{since} first")
+                raise BackupError(
+                    f"no backup in {directory} was taken from {origin}@{since}; "
+                    f"take a full backup with --keep {origin}@{since} first"
+                )
         backup_id = man.next_id()
         snap = keep if keep is not None else f"backup-{backup_id}-{secrets.token_hex(3)}"
         t0 = time.monotonic()
@@ -145,8 +170,19 @@ def run_backup(source: SnapshotSource, origin: str, directory: Path, *, since: s
             except BaseException:
                 created = True  # interrupted while asking: it may exist, drop it
                 raise
-            work = _Work(source, directory, man, backup_id, origin, snap, keep is not None,
-                         since, parent, sha256, progress)
+            work = _Work(
+                source,
+                directory,
+                man,
+                backup_id,
+                origin,
+                snap,
+                keep is not None,
+                since,
+                parent,
+                sha256,
+                progress,
+            )
             result = work.run(uri, block_size)
             completed = True
         finally:
@@ -162,9 +198,20 @@ def run_backup(source: SnapshotSource, origin: str, directory: Path, *, since: s
 class _Work:
     """The copy of one snapshot into a new point (after the snapshot exists)."""
 
-    def __init__(self, source: SnapshotSource, directory: Path, man: Manifest, backup_id: str,
-                 origin: str, snap: str, kept: bool, since: str | None,
-                 parent: BackupRecord | None, sha256: bool, progress: bool) -> None:
+    def __init__(
+        self,
+        source: SnapshotSource,
+        directory: Path,
+        man: Manifest,
+        backup_id: str,
+        origin: str,
+        snap: str,
+        kept: bool,
+        since: str | None,
+        parent: BackupRecord | None,
+        sha256: bool,
+        progress: bool,
+    ) -> None:
         self.source = source
         self.directory = directory
         self.man = man
@@ -185,11 +232,12 @@ class _Work:
             size = reader.size
             parent = self.parent
             if parent is not None and parent.size != size:
-                raise BackupError(f"{self.origin} is {size} bytes now, backup {parent.id} has "
-                                  f"{parent.size}: take a full backup")
+                raise BackupError(
+                    f"{self.origin} is {size} bytes now, backup {parent.id} has "
+                    f"{parent.size}: take a full backup"
+                )
             if parent is not None and self.since is not None:
-                changed = merge_ranges(self.source.changed_ranges(self.origin, self.since),
-                                       size)
+                changed = merge_ranges(self.source.changed_ranges(self.origin, self.since), size)
                 regions = piece_regions(changed, size)
                 base: PieceDigests | None = points.piece_digests(self.directory, parent)
             else:
@@ -204,13 +252,21 @@ class _Work:
                 whole = self._read_back(digests) if self.sha256 else None
                 t2 = time.monotonic()
                 record = BackupRecord(
-                    id=self.id, parent=parent.id if parent else None,
-                    kind="full" if parent is None else "incremental", origin=self.origin,
+                    id=self.id,
+                    parent=parent.id if parent else None,
+                    kind="full" if parent is None else "incremental",
+                    origin=self.origin,
                     snapshot=f"{self.origin}@{self.snap}",
-                    created=datetime.now(UTC).isoformat(timespec="seconds"), file=self.file,
-                    size=size, block_size=block_size, bytes_written=copied.bytes_written,
-                    digest=digests.image_digest(), pieces=self.pieces_file, sha256=whole,
-                    snapshot_kept=self.kept)
+                    created=datetime.now(UTC).isoformat(timespec="seconds"),
+                    file=self.file,
+                    size=size,
+                    block_size=block_size,
+                    bytes_written=copied.bytes_written,
+                    digest=digests.image_digest(),
+                    pieces=self.pieces_file,
+                    sha256=whole,
+                    snapshot_kept=self.kept,
+                )
                 self._publish(digests, record)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -220,19 +276,29 @@ class _Work:
             changed_blocks = count_blocks(changed, block_size)
         else:  # blocks holding data
             changed_blocks = -(-copied.bytes_written // max(block_size, 1))
-        return BackupResult(record, copied, changed_blocks, len(copied.digests), 0.0, False,
-                            copy_duration=t1 - t0, verify_duration=t2 - t1)
+        return BackupResult(
+            record,
+            copied,
+            changed_blocks,
+            len(copied.digests),
+            0.0,
+            False,
+            copy_duration=t1 - t0,
+            verify_duration=t2 - t1,
+        )
 
-    def _copy(self, reader: NbdReader, regions: list[Range],
-              writes: list[Range] | None) -> PipelineResult:
+    def _copy(
+        self, reader: NbdReader, regions: list[Range], writes: list[Range] | None
+    ) -> PipelineResult:
         """Copy into the new qcow2 through QEMU; the piece digests of ``regions``."""
         total = sum(n for _, n in regions)
         bar = Progress(f"backup {self.id}", total, enabled=self.progress)
         with QemuExport(self.tmp, "qcow2", writable=True, no_flush=True) as exp:
             sink = NbdSink(exp.uri, "skip" if writes is None else "write")
             try:
-                result = run_pipeline(reader, plan_jobs(reader, regions, writes), sink,
-                                      progress=bar)
+                result = run_pipeline(
+                    reader, plan_jobs(reader, regions, writes), sink, progress=bar
+                )
                 sink.flush()
             finally:
                 sink.close()
@@ -251,8 +317,10 @@ class _Work:
         again = points.digests_of(reader.size, back)
         first = again.first_difference(digests)
         if first is not None:
-            raise BackupError(f"verification failed: the new backup file differs from the "
-                              f"snapshot in the piece at offset {first * PIECE_SIZE}")
+            raise BackupError(
+                f"verification failed: the new backup file differs from the "
+                f"snapshot in the piece at offset {first * PIECE_SIZE}"
+            )
         assert back.sha256 is not None
         return back.sha256
 

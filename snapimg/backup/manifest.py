@@ -61,8 +61,11 @@ class BackupRecord:
     snapshot_kept: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items()
-                if v is not None or k not in ("digest", "pieces", "sha256")}
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if v is not None or k not in ("digest", "pieces", "sha256")
+        }
 
     @classmethod
     def from_json(cls, obj: Any, version: int) -> BackupRecord:
@@ -81,11 +84,13 @@ class BackupRecord:
         if self.kind not in ("full", "incremental"):
             raise BackupError(f"manifest: backup {self.id}: bad kind {self.kind!r}")
         if (self.kind == "full") != (self.parent is None):
-            raise BackupError(f"manifest: backup {self.id}: a {self.kind} backup with parent "
-                              f"{self.parent!r}")
+            raise BackupError(
+                f"manifest: backup {self.id}: a {self.kind} backup with parent {self.parent!r}"
+            )
         for name in (self.file, self.pieces):
-            if name is not None and (not isinstance(name, str) or "/" in name
-                                     or name.startswith(".")):
+            if name is not None and (
+                not isinstance(name, str) or "/" in name or name.startswith(".")
+            ):
                 raise BackupError(f"manifest: backup {self.id}: bad file name {name!r}")
         if not isinstance(self.size, int) or self.size < 0:
             raise BackupError(f"manifest: backup {self.id}: bad size {self.size!r}")
@@ -165,13 +170,14 @@ def load(directory: Path) -> Manifest:
         raise BackupError(f"{path}: expected an object with a list 'backups'")
     version = obj.get("version", LEGACY_VERSION)
     if obj.get("format", FORMAT) != FORMAT or version not in (LEGACY_VERSION, VERSION):
-        raise BackupError(f"{path}: unknown format {obj.get('format')!r} "
-                          f"version {version!r}")
+        raise BackupError(f"{path}: unknown format {obj.get('format')!r} version {version!r}")
     if version == VERSION:
         rule = obj.get("digest_rule")
         if rule != {"name": RULE_NAME, "piece_size": PIECE_SIZE}:
-            raise BackupError(f"{path}: unsupported digest_rule {rule!r} (this snapimg "
-                              f"knows {RULE_NAME} with pieces of {PIECE_SIZE} bytes)")
+            raise BackupError(
+                f"{path}: unsupported digest_rule {rule!r} (this snapimg "
+                f"knows {RULE_NAME} with pieces of {PIECE_SIZE} bytes)"
+            )
     manifest = Manifest([BackupRecord.from_json(o, version) for o in obj["backups"]], version)
     ids = [r.id for r in manifest.backups]
     if len(set(ids)) != len(ids):

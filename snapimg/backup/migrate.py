@@ -48,14 +48,14 @@ def migrate(directory: Path, man: Manifest, progress: bool = False) -> Manifest:
     return out
 
 
-def _convert(directory: Path, rec: BackupRecord, man: Manifest,
-             progress: bool) -> BackupRecord:
+def _convert(directory: Path, rec: BackupRecord, man: Manifest, progress: bool) -> BackupRecord:
     final = directory / f"{rec.id}.qcow2"
     tmp = directory / f".{rec.id}.qcow2.tmp"
     source = directory / rec.file
     if not source.is_file():
-        raise BackupError(f"cannot convert {directory}: file {rec.file} of backup {rec.id} "
-                          f"is missing")
+        raise BackupError(
+            f"cannot convert {directory}: file {rec.file} of backup {rec.id} is missing"
+        )
     try:
         if rec.parent is None:
             qemuimg.run("convert", "-q", "-f", "raw", "-O", "qcow2", str(source), str(tmp))
@@ -69,9 +69,11 @@ def _convert(directory: Path, rec: BackupRecord, man: Manifest,
             result = points.scan(reader, whole_sha256=True, progress=bar)
             bar.finish()
         if result.sha256 != rec.sha256:
-            raise BackupError(f"cannot convert {directory}: backup {rec.id} reads as sha256 "
-                              f"{result.sha256}, the manifest says {rec.sha256} (run "
-                              f"'snapimg verify {directory}')")
+            raise BackupError(
+                f"cannot convert {directory}: backup {rec.id} reads as sha256 "
+                f"{result.sha256}, the manifest says {rec.sha256} (run "
+                f"'snapimg verify {directory}')"
+            )
         digests = points.digests_of(rec.size, result)
         piecefile.write(directory / f"{rec.id}.pieces", digests)
         os.replace(tmp, final)
@@ -80,8 +82,9 @@ def _convert(directory: Path, rec: BackupRecord, man: Manifest,
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    return dataclasses.replace(rec, file=final.name, digest=digests.image_digest(),
-                               pieces=f"{rec.id}.pieces")
+    return dataclasses.replace(
+        rec, file=final.name, digest=digests.image_digest(), pieces=f"{rec.id}.pieces"
+    )
 
 
 def _apply_incremental(inc: Path, target: Path, size: int) -> None:
@@ -92,8 +95,11 @@ def _apply_incremental(inc: Path, target: Path, size: int) -> None:
     writes = sorted(table.data + table.zero)
     regions = piece_regions(writes, size)
     data_part = QemuExport(inc, "raw", raw_size=size)  # part 1 only: the image-sized part
-    with data_part, NbdReader(data_part.uri) as reader, \
-            QemuExport(target, "qcow2", writable=True, no_flush=True) as out:
+    with (
+        data_part,
+        NbdReader(data_part.uri) as reader,
+        QemuExport(target, "qcow2", writable=True, no_flush=True) as out,
+    ):
         sink = NbdSink(out.uri, "write")
         try:
             run_pipeline(reader, plan_jobs(reader, regions, writes), sink)

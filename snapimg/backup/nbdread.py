@@ -24,8 +24,9 @@ Run = tuple[int, int, bool]  # offset, length, zero
 
 
 class NbdReader:
-    def __init__(self, uri: str, connections: int = CONNECTIONS, *,
-                 allocation_depth: bool = False) -> None:
+    def __init__(
+        self, uri: str, connections: int = CONNECTIONS, *, allocation_depth: bool = False
+    ) -> None:
         self.uri = uri
         self.handles: list[nbd.NBD] = []  # for reads
         self.status: nbd.NBD | None = None  # for block status
@@ -73,8 +74,7 @@ class NbdReader:
                 yield n, flags
                 pos += n
         except nbd.Error as err:
-            raise BackupError(f"block status of {self.uri} at {pos} failed: "
-                              f"{err.string}") from None
+            raise BackupError(f"block status of {self.uri} at {pos} failed: {err.string}") from None
         except ProtocolError as err:
             raise BackupError(f"{self.uri}: {err}") from None
 

@@ -29,8 +29,9 @@ _ENTRY = _INDEX.size + DIGEST_SIZE
 
 def encode(digests: PieceDigests) -> bytes:
     entries = digests.nonzero()
-    body = bytearray(_HEADER.pack(MAGIC, VERSION, 0, digests.size, digests.piece_size,
-                                  len(entries)))
+    body = bytearray(
+        _HEADER.pack(MAGIC, VERSION, 0, digests.size, digests.piece_size, len(entries))
+    )
     for index, digest in entries:
         body += _INDEX.pack(index)
         body += digest
@@ -56,7 +57,7 @@ def decode(data: bytes, name: str) -> PieceDigests:
         (index,) = _INDEX.unpack_from(body, pos)
         if index <= last or index >= out.count:
             raise BackupError(f"{name}: entry {i} (piece {index}) out of order or range")
-        out.set(index, body[pos + _INDEX.size:pos + _ENTRY])
+        out.set(index, body[pos + _INDEX.size : pos + _ENTRY])
         last = index
     return out
 
@@ -76,7 +77,7 @@ def write(path: Path, digests: PieceDigests) -> None:
     try:
         data = memoryview(encode(digests))
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -92,7 +92,7 @@ def write_runs(job: PieceJob, buf: memoryview) -> Iterator[tuple[int, int, bool]
             k = min(end, r_off + r_len) - off
             if not zero:
                 rel = off - job.plan.offset
-                zero = _is_zero(buf[rel:rel + k])
+                zero = _is_zero(buf[rel : rel + k])
             yield off, k, zero
             off += k
 
@@ -131,7 +131,7 @@ class NbdSink:
                     continue
                 rel = off - job.plan.offset
                 for k in range(0, n, _WRITE_MAX):
-                    h.pwrite(buf[rel + k:rel + min(n, k + _WRITE_MAX)], off + k)
+                    h.pwrite(buf[rel + k : rel + min(n, k + _WRITE_MAX)], off + k)
                 written += n
         except nbd.Error as err:
             raise BackupError(f"writing the backup file failed: {err.string}") from None
@@ -177,7 +177,7 @@ class FileSink:
             if zero:
                 continue
             rel = off - job.plan.offset
-            view = buf[rel:rel + n]
+            view = buf[rel : rel + n]
             try:
                 while view:
                     k = os.pwrite(self.fd, view, off)
@@ -188,9 +188,12 @@ class FileSink:
         return written
 
 
-def plan_jobs(reader: NbdReader, regions: Iterable[Range],
-              writes: list[Range] | None = None,
-              piece_size: int = PIECE_SIZE) -> Iterator[Job]:
+def plan_jobs(
+    reader: NbdReader,
+    regions: Iterable[Range],
+    writes: list[Range] | None = None,
+    piece_size: int = PIECE_SIZE,
+) -> Iterator[Job]:
     """The pieces of ``regions`` (sorted, disjoint, on piece boundaries) with their runs,
     each with the part of ``writes`` (sorted, disjoint; None: everything) inside it."""
     wi = 0
@@ -270,7 +273,7 @@ class _Sequencer:
                         hash_zeroes(self.sha, n)
                     else:
                         rel = off - offset
-                        self.sha.update(memoryview(buf)[rel:rel + n])
+                        self.sha.update(memoryview(buf)[rel : rel + n])
                 self.pos = offset + job.plan.length
                 if buf is not None:
                     self.release.put(buf)
@@ -296,8 +299,9 @@ class _Planner:
     def __init__(self, jobs: Iterable[Job], depth: int = 256) -> None:
         self._q: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(jobs,),
-                                        name="snapimg-plan", daemon=True)
+        self._thread = threading.Thread(
+            target=self._produce, args=(jobs,), name="snapimg-plan", daemon=True
+        )
         self._thread.start()
 
     def _produce(self, jobs: Iterable[Job]) -> None:
@@ -332,9 +336,16 @@ class _Planner:
         self._stop.set()
 
 
-def run_pipeline(reader: NbdReader, jobs: Iterable[Job], sink: Sink | None = None, *,
-                 whole_sha256: bool = False, progress: Progress | None = None,
-                 workers: int = WORKERS, max_pieces: int = MAX_PIECES) -> PipelineResult:
+def run_pipeline(
+    reader: NbdReader,
+    jobs: Iterable[Job],
+    sink: Sink | None = None,
+    *,
+    whole_sha256: bool = False,
+    progress: Progress | None = None,
+    workers: int = WORKERS,
+    max_pieces: int = MAX_PIECES,
+) -> PipelineResult:
     """Read, write and hash every piece of ``jobs``; the digest of each piece read."""
     return _Pipeline(reader, sink, workers, max_pieces, whole_sha256, progress).run(jobs)
 
@@ -354,8 +365,15 @@ def _chain(fut: Future[bytes], then: Callable[[bytes], _Done]) -> Future[_Done]:
 
 
 class _Pipeline:
-    def __init__(self, reader: NbdReader, sink: Sink | None, workers: int, max_pieces: int,
-                 whole_sha256: bool, progress: Progress | None) -> None:
+    def __init__(
+        self,
+        reader: NbdReader,
+        sink: Sink | None,
+        workers: int,
+        max_pieces: int,
+        whole_sha256: bool,
+        progress: Progress | None,
+    ) -> None:
         self.reader = reader
         self.sink = sink
         self.max_pieces = max_pieces
@@ -449,7 +467,7 @@ class _Pipeline:
             while done < n:
                 k = min(self.max_request, n - done)
                 rel = off + done - job.plan.offset
-                nbuf = nbd.Buffer.from_buffer(memoryview(buf)[rel:rel + k])
+                nbuf = nbd.Buffer.from_buffer(memoryview(buf)[rel : rel + k])
                 i = min(range(len(self.inflight)), key=lambda c: len(self.inflight[c]))
                 cookie = self.reader.handles[i].aio_pread(nbuf, off + done)
                 self.inflight[i][cookie] = (job.plan.offset, nbuf)
@@ -478,7 +496,8 @@ class _Pipeline:
                 return
             try:
                 self.writers.submit(self._write, job, buf, fut.result()).add_done_callback(
-                    self.done.put)
+                    self.done.put
+                )
             except RuntimeError:  # shut down meanwhile (an error or a signal elsewhere)
                 self._release(job, buf)
 
@@ -559,8 +578,7 @@ class _Pipeline:
                 try:
                     h.aio_command_completed(cookie)
                 except nbd.Error as err:
-                    raise BackupError(f"reading {self.reader.uri} failed: "
-                                      f"{err.string}") from None
+                    raise BackupError(f"reading {self.reader.uri} failed: {err.string}") from None
                 self.result.bytes_read += len(nbuf)
                 job, buf, left = self.reading[key]
                 left[0] -= 1

@@ -31,20 +31,23 @@ def file_of(directory: Path, rec: BackupRecord) -> Path:
 
 
 @contextlib.contextmanager
-def opened(directory: Path, rec: BackupRecord, *, allocation_depth: bool = False,
-           connections: int = 4) -> Iterator[NbdReader]:
+def opened(
+    directory: Path, rec: BackupRecord, *, allocation_depth: bool = False, connections: int = 4
+) -> Iterator[NbdReader]:
     """Point ``rec`` exported read-only by QEMU, as an :class:`NbdReader`."""
     path = file_of(directory, rec)
-    with QemuExport(path, "qcow2", allocation_depth=allocation_depth) as exp, \
-            NbdReader(exp.uri, connections, allocation_depth=allocation_depth) as reader:
+    with (
+        QemuExport(path, "qcow2", allocation_depth=allocation_depth) as exp,
+        NbdReader(exp.uri, connections, allocation_depth=allocation_depth) as reader,
+    ):
         if reader.size != rec.size:
-            raise BackupError(f"backup {rec.id}: {rec.file} is {reader.size} bytes, the "
-                              f"manifest says {rec.size}")
+            raise BackupError(
+                f"backup {rec.id}: {rec.file} is {reader.size} bytes, the manifest says {rec.size}"
+            )
         yield reader
 
 
-def digests_of(size: int, result: PipelineResult,
-               base: PieceDigests | None = None) -> PieceDigests:
+def digests_of(size: int, result: PipelineResult, base: PieceDigests | None = None) -> PieceDigests:
     """``base`` (or an all-zero image) with the pieces ``result`` visited replaced."""
     out = base.copy() if base is not None else PieceDigests(size)
     for index, count in result.zero_spans:
@@ -53,8 +56,13 @@ def digests_of(size: int, result: PipelineResult,
     return out
 
 
-def scan(reader: NbdReader, regions: list[Range] | None = None, *,
-         whole_sha256: bool = False, progress: Progress | None = None) -> PipelineResult:
+def scan(
+    reader: NbdReader,
+    regions: list[Range] | None = None,
+    *,
+    whole_sha256: bool = False,
+    progress: Progress | None = None,
+) -> PipelineResult:
     """Hash ``regions`` (piece-aligned; None: the whole image) of an export."""
     jobs = plan_jobs(reader, regions if regions is not None else [(0, reader.size)])
     return run_pipeline(reader, jobs, None, whole_sha256=whole_sha256, progress=progress)
@@ -66,8 +74,7 @@ def stored_pieces(directory: Path, rec: BackupRecord) -> PieceDigests:
         raise BackupError(f"backup {rec.id} has no piece digest file")
     pieces = piecefile.read(directory / rec.pieces)
     if pieces.size != rec.size:
-        raise BackupError(f"{rec.pieces}: image size {pieces.size}, the manifest says "
-                          f"{rec.size}")
+        raise BackupError(f"{rec.pieces}: image size {pieces.size}, the manifest says {rec.size}")
     if pieces.image_digest() != rec.digest:
         raise BackupError(f"{rec.pieces} does not match the digest of backup {rec.id}")
     return pieces

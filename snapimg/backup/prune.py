@@ -44,8 +44,12 @@ class PruneResult:
     duration: float
 
     def to_json(self) -> dict[str, object]:
-        return {"removed": self.removed, "remaining": self.remaining,
-                "finished": self.finished, "duration": round(self.duration, 3)}
+        return {
+            "removed": self.removed,
+            "remaining": self.remaining,
+            "finished": self.finished,
+            "duration": round(self.duration, 3),
+        }
 
 
 def prune(directory: Path, keep_last: int, progress: bool = False) -> PruneResult:
@@ -65,8 +69,10 @@ def prune(directory: Path, keep_last: int, progress: bool = False) -> PruneResul
         while len(man.backups) > keep_last:
             oldest = man.backups[0]
             if oldest.parent is not None:
-                raise BackupError(f"backup {oldest.id} is the oldest but has parent "
-                                  f"{oldest.parent}: the manifest is inconsistent")
+                raise BackupError(
+                    f"backup {oldest.id} is the oldest but has parent "
+                    f"{oldest.parent}: the manifest is inconsistent"
+                )
             _remove_oldest(directory, man, oldest)
             removed.append(oldest.id)
     return PruneResult(removed, [r.id for r in man.backups], finished, time.monotonic() - t0)
@@ -75,8 +81,11 @@ def prune(directory: Path, keep_last: int, progress: bool = False) -> PruneResul
 def _remove_oldest(directory: Path, man: Manifest, oldest: BackupRecord) -> None:
     """Step 1 (the manifest without ``oldest``, its children full), then the rest as for
     an interrupted prune: that is the one way merges are done."""
-    man.backups = [dataclasses.replace(r, parent=None, kind="full")
-                   if r.parent == oldest.id else r for r in man.backups if r is not oldest]
+    man.backups = [
+        dataclasses.replace(r, parent=None, kind="full") if r.parent == oldest.id else r
+        for r in man.backups
+        if r is not oldest
+    ]
     manifest.save(directory, man)
     _finish_merges(directory, man)
 
@@ -98,8 +107,10 @@ def _finish_merges(directory: Path, man: Manifest) -> list[str]:
         if name is None:
             continue
         if name in listed or "/" in name or not (directory / name).is_file():
-            raise BackupError(f"backup {rec.id} is full in the manifest but its file has "
-                              f"backing file {name}: cannot finish that merge")
+            raise BackupError(
+                f"backup {rec.id} is full in the manifest but its file has "
+                f"backing file {name}: cannot finish that merge"
+            )
         dependents.setdefault(name, []).append(rec)
     finished = []
     for name, recs in dependents.items():
@@ -108,8 +119,7 @@ def _finish_merges(directory: Path, man: Manifest) -> list[str]:
             _merge_into(directory, base, directory / recs[0].file)
         else:
             for rec in recs:
-                qemuimg.run("rebase", "-q", "-f", "qcow2", "-b", "",
-                            str(directory / rec.file))
+                qemuimg.run("rebase", "-q", "-f", "qcow2", "-b", "", str(directory / rec.file))
             _unlink(base)
         finished += [r.id for r in recs]
     _remove_orphans(directory, man)

@@ -23,8 +23,13 @@ QEMU_IMG = "qemu-img"
 def run(*args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
     if shutil.which(QEMU_IMG) is None:
         raise QemuError(f"{QEMU_IMG} not found (install the qemu-utils package)")
-    proc = subprocess.Popen([QEMU_IMG, *args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [QEMU_IMG, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate()
     except BaseException:
@@ -82,8 +87,12 @@ class CheckResult:
         return self.status in (0, 3)
 
     def to_json(self) -> dict[str, object]:
-        return {"status": self.status, "corruptions": self.corruptions, "leaks": self.leaks,
-                "ok": self.ok}
+        return {
+            "status": self.status,
+            "corruptions": self.corruptions,
+            "leaks": self.leaks,
+            "ok": self.ok,
+        }
 
 
 def check(path: Path) -> CheckResult:

@@ -41,10 +41,17 @@ class RestoreResult:
 
     def to_json(self) -> dict[str, object]:
         mib_s = self.size / (1 << 20) / self.duration if self.duration > 0 else 0.0
-        return {"backup": self.backup, "chain": self.chain, "image": self.image,
-                "size": self.size, "bytes_written": self.bytes_written,
-                "digest": self.digest, "sha256": self.sha256,
-                "duration": round(self.duration, 3), "mib_per_s": round(mib_s, 1)}
+        return {
+            "backup": self.backup,
+            "chain": self.chain,
+            "image": self.image,
+            "size": self.size,
+            "bytes_written": self.bytes_written,
+            "digest": self.digest,
+            "sha256": self.sha256,
+            "duration": round(self.duration, 3),
+            "mib_per_s": round(mib_s, 1),
+        }
 
 
 def prepare_target(image: Path, force: bool) -> Path:
@@ -59,8 +66,7 @@ def prepare_target(image: Path, force: bool) -> Path:
             raise UsageError(f"{image} exists and is not a regular file")
         check_not_in_use(image)
         if not force:
-            raise UsageError(f"{image} exists: restore does not overwrite a file without "
-                             f"--force")
+            raise UsageError(f"{image} exists: restore does not overwrite a file without --force")
     if not image.parent.is_dir():
         raise UsageError(f"directory {image.parent} does not exist")
     return image.parent / f".{image.name}.restore-tmp"
@@ -82,8 +88,14 @@ def lineage(man: Manifest, rec: BackupRecord) -> list[str]:
     return ids
 
 
-def restore(directory: Path, backup_id: str | None, image: Path, *, force: bool = False,
-            progress: bool = False) -> RestoreResult:
+def restore(
+    directory: Path,
+    backup_id: str | None,
+    image: Path,
+    *,
+    force: bool = False,
+    progress: bool = False,
+) -> RestoreResult:
     t0 = time.monotonic()
     if not (directory / manifest.MANIFEST_NAME).is_file():
         raise BackupError(f"{directory} is not a backup directory (no manifest.json)")
@@ -112,15 +124,16 @@ def restore(directory: Path, backup_id: str | None, image: Path, *, force: bool 
         raise
     finally:
         os.close(fd)
-    return RestoreResult(rec.id, ids, str(image), rec.size, written, digest, sha256,
-                         time.monotonic() - t0)
+    return RestoreResult(
+        rec.id, ids, str(image), rec.size, written, digest, sha256, time.monotonic() - t0
+    )
 
 
-def _restore_point(directory: Path, rec: BackupRecord, fd: int,
-                   bar: Progress) -> tuple[int, str]:
+def _restore_point(directory: Path, rec: BackupRecord, fd: int, bar: Progress) -> tuple[int, str]:
     with points.opened(directory, rec) as reader:
-        result = run_pipeline(reader, plan_jobs(reader, [(0, rec.size)]), FileSink(fd),
-                              progress=bar)
+        result = run_pipeline(
+            reader, plan_jobs(reader, [(0, rec.size)]), FileSink(fd), progress=bar
+        )
     digests = points.digests_of(rec.size, result)
     digest = digests.image_digest()
     if digest != rec.digest:
@@ -129,13 +142,16 @@ def _restore_point(directory: Path, rec: BackupRecord, fd: int,
             first = digests.first_difference(points.stored_pieces(directory, rec))
             if first is not None:
                 where = f" (first in the piece at offset {first * PIECE_SIZE})"
-        raise BackupError(f"restore of backup {rec.id}: digest {digest} does not match the "
-                          f"manifest's {rec.digest}{where}")
+        raise BackupError(
+            f"restore of backup {rec.id}: digest {digest} does not match the "
+            f"manifest's {rec.digest}{where}"
+        )
     return result.bytes_written, digest
 
 
-def _legacy(directory: Path, man: Manifest, rec: BackupRecord, fd: int, tmp: Path,
-            bar: Progress) -> tuple[list[str], int, str]:
+def _legacy(
+    directory: Path, man: Manifest, rec: BackupRecord, fd: int, tmp: Path, bar: Progress
+) -> tuple[list[str], int, str]:
     """A version-1 point: copy the raw/.inc chain, then check the whole-image sha256."""
     records = chain.resolve(directory, man, rec.id)
     segments = chain.image_map(directory, records)
@@ -143,7 +159,8 @@ def _legacy(directory: Path, man: Manifest, rec: BackupRecord, fd: int, tmp: Pat
     os.fsync(fd)
     sha256 = chain.hash_segments([chain.Segment(0, rec.size, tmp)], bar)
     if sha256 != rec.sha256:
-        raise BackupError(f"restore of backup {rec.id}: sha256 {sha256} does not match the "
-                          f"manifest's {rec.sha256}")
+        raise BackupError(
+            f"restore of backup {rec.id}: sha256 {sha256} does not match the "
+            f"manifest's {rec.sha256}"
+        )
     return [r.id for r in records], written, sha256
-

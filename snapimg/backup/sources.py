@@ -38,8 +38,10 @@ def preflight(source: SnapshotSource, origin: str) -> None:
     if isinstance(source, ControlSource):
         origins = [str(e["name"]) for e in source.client.exports() if "@" not in e["name"]]
         if origin not in origins:
-            raise UsageError(f"the server at {source.client.path} serves no origin "
-                             f"{origin!r} (it serves: {', '.join(origins) or 'none'})")
+            raise UsageError(
+                f"the server at {source.client.path} serves no origin "
+                f"{origin!r} (it serves: {', '.join(origins) or 'none'})"
+            )
     elif isinstance(source, QmpSource) and not source.qmp.exists():
         raise UsageError(f"--qmp {source.qmp}: no such socket")
 
@@ -55,8 +57,9 @@ class ControlSource:
         self.client = ControlClient(control)
 
     def create(self, origin: str, snap: str) -> tuple[str, int]:
-        info, uri = self.client.create_snapshot(origin, snap, max_size=None, writable=False,
-                                                on_full="invalidate")
+        info, uri = self.client.create_snapshot(
+            origin, snap, max_size=None, writable=False, on_full="invalidate"
+        )
         if uri is None:
             self.drop(origin, snap)
             raise BackupError(f"the server did not give an NBD URI for {origin}@{snap}")
@@ -93,8 +96,9 @@ class QmpSource:
         from snapimg.backends.attach import attach
         from snapimg.backends.qsd.graph import COPY_GRANULARITY
 
-        result = asyncio.run(attach(self.qmp, self.device, f"{origin}@{snap}",
-                                    self.store_dir, None))
+        result = asyncio.run(
+            attach(self.qmp, self.device, f"{origin}@{snap}", self.store_dir, None)
+        )
         return result.uri, COPY_GRANULARITY
 
     def drop(self, origin: str, snap: str) -> bool:
@@ -127,8 +131,9 @@ class LibvirtSource:
         try:
             import libvirt
         except ImportError:
-            raise BackupError("--libvirt needs the libvirt Python binding "
-                              "(pip install libvirt-python)") from None
+            raise BackupError(
+                "--libvirt needs the libvirt Python binding (pip install libvirt-python)"
+            ) from None
         self._libvirt: Any = libvirt
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         try:
@@ -138,16 +143,21 @@ class LibvirtSource:
             raise BackupError(f"libvirt: {err.get_error_message()}") from None
         targets = self._disk_targets()
         if disk not in targets:
-            raise UsageError(f"domain {domain} has no disk {disk!r} "
-                             f"(it has: {', '.join(targets) or 'none'})")
+            raise UsageError(
+                f"domain {domain} has no disk {disk!r} (it has: {', '.join(targets) or 'none'})"
+            )
         self.domain = domain
         self.disk = disk
         self.workdir: Path | None = None
 
     def _disk_targets(self) -> list[str]:
         root = ElementTree.fromstring(self.dom.XMLDesc(0))
-        return [str(t.get("dev")) for d in root.iter("disk") if d.get("device", "disk") == "disk"
-                for t in d.iter("target")]
+        return [
+            str(t.get("dev"))
+            for d in root.iter("disk")
+            if d.get("device", "disk") == "disk"
+            for t in d.iter("target")
+        ]
 
     def create(self, origin: str, snap: str) -> tuple[str, int]:
         self.workdir = Path(tempfile.mkdtemp(prefix="snapimg-lv-"))
@@ -155,10 +165,14 @@ class LibvirtSource:
         disks = "".join(
             f"<disk name={quoteattr(t)} backup='yes' type='file'>"
             f"<scratch file={quoteattr(str(self.workdir / 'scratch.qcow2'))}/></disk>"
-            if t == self.disk else f"<disk name={quoteattr(t)} backup='no'/>"
-            for t in self._disk_targets())
-        xml = (f"<domainbackup mode='pull'><server transport='unix' "
-               f"socket={quoteattr(str(socket))}/><disks>{disks}</disks></domainbackup>")
+            if t == self.disk
+            else f"<disk name={quoteattr(t)} backup='no'/>"
+            for t in self._disk_targets()
+        )
+        xml = (
+            f"<domainbackup mode='pull'><server transport='unix' "
+            f"socket={quoteattr(str(socket))}/><disks>{disks}</disks></domainbackup>"
+        )
         try:
             self.dom.backupBegin(xml, None, 0)
         except self._libvirt.libvirtError as err:

@@ -43,11 +43,17 @@ class PointReport:
         return f"{self.id}: {'; '.join(self.problems)}" if self.problems else f"{self.id}: ok"
 
     def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "file": self.file, "ok": self.ok, "digest": self.digest,
-                "expected": self.expected,
-                "qemu_img_check": self.check.to_json() if self.check else None,
-                "problems": self.problems, "bytes_read": self.bytes_read,
-                "duration": round(self.duration, 3)}
+        return {
+            "id": self.id,
+            "file": self.file,
+            "ok": self.ok,
+            "digest": self.digest,
+            "expected": self.expected,
+            "qemu_img_check": self.check.to_json() if self.check else None,
+            "problems": self.problems,
+            "bytes_read": self.bytes_read,
+            "duration": round(self.duration, 3),
+        }
 
 
 def verify(directory: Path, backup_id: str | None = None) -> list[PointReport]:
@@ -122,15 +128,17 @@ class _Verifier:
             back = self._backing(rec)
             if rec.parent is not None and (back is None or back.id != rec.parent):
                 name = self._backing_names.get(rec.id) or "none"
-                report.problems.append(f"its backing file is {name}, not the file of its "
-                                       f"parent {rec.parent}")
+                report.problems.append(
+                    f"its backing file is {name}, not the file of its parent {rec.parent}"
+                )
             base = self.computed.get(back.id) if back is not None else None
             if back is not None and base is None:
                 report.problems.append(f"its backing point {back.id} could not be read")
                 return report
             with points.opened(self.directory, rec, allocation_depth=base is not None) as rd:
-                regions = None if base is None else piece_regions(
-                    rd.top_ranges(0, rec.size), rec.size)
+                regions = (
+                    None if base is None else piece_regions(rd.top_ranges(0, rec.size), rec.size)
+                )
                 result = points.scan(rd, regions)
         except (BackupError, QemuError) as err:
             report.problems.append(str(err))
@@ -140,8 +148,10 @@ class _Verifier:
         report.digest = digests.image_digest()
         report.bytes_read = result.bytes_read
         if report.digest != rec.digest:
-            report.problems.append(f"digest {report.digest} does not match the manifest's "
-                                   f"{rec.digest}{_first_bad(self.directory, rec, digests)}")
+            report.problems.append(
+                f"digest {report.digest} does not match the manifest's "
+                f"{rec.digest}{_first_bad(self.directory, rec, digests)}"
+            )
         else:
             try:
                 points.stored_pieces(self.directory, rec)
@@ -172,7 +182,8 @@ def _verify_legacy(directory: Path, man: Manifest, rec: BackupRecord) -> PointRe
         report.problems.append(str(err))
     else:
         if report.digest != rec.sha256:
-            report.problems.append(f"sha256 {report.digest} does not match the manifest's "
-                                   f"{rec.sha256}")
+            report.problems.append(
+                f"sha256 {report.digest} does not match the manifest's {rec.sha256}"
+            )
     report.duration = time.monotonic() - t0
     return report

@@ -22,24 +22,41 @@ def register(sub: Any) -> None:
     a: argparse.ArgumentParser = sub.add_parser(
         "attach", help="snapshot a disk of a running QEMU VM over its QMP socket; prints the URI"
     )
-    a.add_argument("--qmp", type=Path, required=True, metavar="SOCKET",
-                   help="the VM's QMP unix socket")
-    a.add_argument("--device", required=True, metavar="QDEV-ID",
-                   help="the disk's device id (ide-hd, scsi-hd, virtio-blk ...)")
-    a.add_argument("name", metavar="NAME@SNAP",
-                   help="export name of the snapshot (NAME: any name for the disk)")
-    a.add_argument("--store-dir", type=Path, metavar="DIR",
-                   help=f"directory for the target image (default: {default_store_dir()})")
-    a.add_argument("--socket", type=Path, metavar="PATH",
-                   help="unix socket of QEMU's NBD server (default: STORE_DIR/nbd.sock)")
+    a.add_argument(
+        "--qmp", type=Path, required=True, metavar="SOCKET", help="the VM's QMP unix socket"
+    )
+    a.add_argument(
+        "--device",
+        required=True,
+        metavar="QDEV-ID",
+        help="the disk's device id (ide-hd, scsi-hd, virtio-blk ...)",
+    )
+    a.add_argument(
+        "name",
+        metavar="NAME@SNAP",
+        help="export name of the snapshot (NAME: any name for the disk)",
+    )
+    a.add_argument(
+        "--store-dir",
+        type=Path,
+        metavar="DIR",
+        help=f"directory for the target image (default: {default_store_dir()})",
+    )
+    a.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="unix socket of QEMU's NBD server (default: STORE_DIR/nbd.sock)",
+    )
     quiesce.add_arguments(a, libvirt=False)
     a.set_defaults(func=_attach)
 
     d: argparse.ArgumentParser = sub.add_parser(
         "detach", help="remove a snapshot taken with attach; the VM's disk is left as before"
     )
-    d.add_argument("--qmp", type=Path, required=True, metavar="SOCKET",
-                   help="the VM's QMP unix socket")
+    d.add_argument(
+        "--qmp", type=Path, required=True, metavar="SOCKET", help="the VM's QMP unix socket"
+    )
     d.add_argument("name", metavar="NAME@SNAP", help="the snapshot attach took")
     d.set_defaults(func=_detach)
 

@@ -26,34 +26,55 @@ from snapimg.units import format_size
 
 def register(sub: Any) -> None:
     b: argparse.ArgumentParser = sub.add_parser(
-        "backup", help="snapshot an origin, copy it into a backup directory as a qcow2 point")
+        "backup", help="snapshot an origin, copy it into a backup directory as a qcow2 point"
+    )
     src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--control", type=Path, metavar="PATH",
-                     help="control socket of snapimg serve")
-    src.add_argument("--qmp", type=Path, metavar="SOCKET",
-                     help="QMP socket of a running QEMU (with --device; full backups only)")
+    src.add_argument("--control", type=Path, metavar="PATH", help="control socket of snapimg serve")
+    src.add_argument(
+        "--qmp",
+        type=Path,
+        metavar="SOCKET",
+        help="QMP socket of a running QEMU (with --device; full backups only)",
+    )
     b.add_argument("--device", metavar="QDEV-ID", help="with --qmp: the disk's device id")
-    src.add_argument("--libvirt", metavar="DOMAIN",
-                     help="a libvirt domain (with --disk; libvirt's pull backup, full only)")
+    src.add_argument(
+        "--libvirt",
+        metavar="DOMAIN",
+        help="a libvirt domain (with --disk; libvirt's pull backup, full only)",
+    )
     b.add_argument("--disk", metavar="TARGET", help="with --libvirt: the disk's target (vda)")
     b.add_argument("name", metavar="NAME", help="origin (export) to back up")
-    b.add_argument("--to", type=Path, required=True, metavar="DIR",
-                   help="backup directory (created if its parent exists)")
-    b.add_argument("--since", metavar="SNAP",
-                   help="incremental: copy only blocks changed since this kept snapshot")
-    b.add_argument("--keep", metavar="NAME@SNAP",
-                   help="name the new snapshot and keep it once the backup completed "
-                        "(for a later --since)")
-    b.add_argument("--sha256", action="store_true",
-                   help="also read the new point back and record the SHA-256 of the whole "
-                        "image (costs the virtual size)")
+    b.add_argument(
+        "--to",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="backup directory (created if its parent exists)",
+    )
+    b.add_argument(
+        "--since",
+        metavar="SNAP",
+        help="incremental: copy only blocks changed since this kept snapshot",
+    )
+    b.add_argument(
+        "--keep",
+        metavar="NAME@SNAP",
+        help="name the new snapshot and keep it once the backup completed (for a later --since)",
+    )
+    b.add_argument(
+        "--sha256",
+        action="store_true",
+        help="also read the new point back and record the SHA-256 of the whole "
+        "image (costs the virtual size)",
+    )
     b.add_argument("-p", "--progress", action="store_true", help="show a progress bar")
     b.add_argument("--json", action="store_true", help="print a JSON summary")
     quiesce.add_arguments(b, libvirt=False)  # --quiesce with --libvirt: through libvirt
     b.set_defaults(func=_interruptible(_backup))
 
     r: argparse.ArgumentParser = sub.add_parser(
-        "restore", help="write the raw image of a backup point, verified against its digest")
+        "restore", help="write the raw image of a backup point, verified against its digest"
+    )
     r.add_argument("directory", type=Path, metavar="DIR", help="backup directory")
     r.add_argument("--backup", metavar="ID", help="backup point to restore (default: newest)")
     r.add_argument("--to", type=Path, required=True, metavar="IMAGE", help="raw image to write")
@@ -63,20 +84,32 @@ def register(sub: Any) -> None:
     r.set_defaults(func=_interruptible(_restore))
 
     v: argparse.ArgumentParser = sub.add_parser(
-        "verify", help="recompute every backup point's digest and check the qcow2 files "
-                       "(exit 0 all good, 1 bad points, 2 error)")
+        "verify",
+        help="recompute every backup point's digest and check the qcow2 files "
+        "(exit 0 all good, 1 bad points, 2 error)",
+    )
     v.add_argument("directory", type=Path, metavar="DIR", help="backup directory")
     v.add_argument("--backup", metavar="ID", help="verify this point only")
     v.add_argument("--json", action="store_true", help="print a JSON report")
     v.set_defaults(func=_interruptible(_verify))
 
     p: argparse.ArgumentParser = sub.add_parser(
-        "prune", help="merge the oldest backup points into their children, keeping the last N")
+        "prune", help="merge the oldest backup points into their children, keeping the last N"
+    )
     p.add_argument("directory", type=Path, metavar="DIR", help="backup directory")
-    p.add_argument("--keep-last", type=int, required=True, metavar="N",
-                   help="number of newest points to keep (at least 1)")
-    p.add_argument("-p", "--progress", action="store_true",
-                   help="show a progress bar (when an old directory is converted)")
+    p.add_argument(
+        "--keep-last",
+        type=int,
+        required=True,
+        metavar="N",
+        help="number of newest points to keep (at least 1)",
+    )
+    p.add_argument(
+        "-p",
+        "--progress",
+        action="store_true",
+        help="show a progress bar (when an old directory is converted)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_interruptible(_prune))
 
@@ -92,8 +125,9 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _interruptible(command: Callable[[argparse.Namespace], int]
-                   ) -> Callable[[argparse.Namespace], int]:
+def _interruptible(
+    command: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
     """``command`` with SIGINT/SIGTERM turned into an orderly stop: the exception unwinds
     it (its clean-up runs), then one line and status 128 + signal number."""
 
@@ -149,8 +183,10 @@ def _backup(args: argparse.Namespace) -> int:
         if not args.disk:
             raise UsageError("--libvirt needs --disk TARGET")
         if keep is not None:
-            raise UsageError("--keep: a libvirt pull backup is a job that ends with the "
-                             "backup, nothing can be kept")
+            raise UsageError(
+                "--keep: a libvirt pull backup is a job that ends with the "
+                "backup, nothing can be kept"
+            )
         source = LibvirtSource(args.libvirt, args.disk)
     elif args.qmp is not None:
         if not args.device:
@@ -160,8 +196,15 @@ def _backup(args: argparse.Namespace) -> int:
         source = ControlSource(args.control)
     preflight(source, origin)  # before anything is created
     quiesced = quiesce.wrap_source(source, args)  # None without --quiesce
-    result = run_backup(quiesced or source, origin, args.to, since=since, keep=keep,
-                        sha256=args.sha256, progress=args.progress)
+    result = run_backup(
+        quiesced or source,
+        origin,
+        args.to,
+        since=since,
+        keep=keep,
+        sha256=args.sha256,
+        progress=args.progress,
+    )
     if result.notice:
         print(f"snapimg backup: notice: {result.notice}", file=sys.stderr)
     summary = result.to_json() | (quiesced.summary() if quiesced else {})
@@ -171,13 +214,15 @@ def _backup(args: argparse.Namespace) -> int:
     rec = result.record
     what = "full" if rec.parent is None else f"incremental over {rec.parent}"
     c = result.copy
-    print(f"backup {rec.id} ({what}) of {rec.snapshot} -> {args.to / rec.file}: "
-          f"read {format_size(c.bytes_read)}, wrote {format_size(rec.bytes_written)}, "
-          f"skipped {format_size(c.bytes_skipped)} of holes, {result.to_json()['mib_per_s']} "
-          f"MiB/s, digest {rec.digest}"
-          + (f", sha256 {rec.sha256}" if rec.sha256 else "")
-          + ("" if not rec.snapshot_kept else f"; snapshot {rec.snapshot} kept")
-          + (f"; quiesced, frozen {summary['frozen_ms']} ms" if args.quiesce else ""))
+    print(
+        f"backup {rec.id} ({what}) of {rec.snapshot} -> {args.to / rec.file}: "
+        f"read {format_size(c.bytes_read)}, wrote {format_size(rec.bytes_written)}, "
+        f"skipped {format_size(c.bytes_skipped)} of holes, {result.to_json()['mib_per_s']} "
+        f"MiB/s, digest {rec.digest}"
+        + (f", sha256 {rec.sha256}" if rec.sha256 else "")
+        + ("" if not rec.snapshot_kept else f"; snapshot {rec.snapshot} kept")
+        + (f"; quiesced, frozen {summary['frozen_ms']} ms" if args.quiesce else "")
+    )
     sys.stdout.flush()
     return 0
 
@@ -185,14 +230,15 @@ def _backup(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace) -> int:
     from snapimg.backup.restore import restore
 
-    result = restore(args.directory, args.backup, args.to, force=args.force,
-                     progress=args.progress)
+    result = restore(args.directory, args.backup, args.to, force=args.force, progress=args.progress)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
     check = f"digest {result.digest}" if result.digest else f"sha256 {result.sha256}"
-    print(f"restored backup {result.backup} (chain {' '.join(result.chain)}) to {result.image}: "
-          f"{format_size(result.size)}, {check} verified")
+    print(
+        f"restored backup {result.backup} (chain {' '.join(result.chain)}) to {result.image}: "
+        f"{format_size(result.size)}, {check} verified"
+    )
     return 0
 
 
@@ -207,8 +253,16 @@ def _verify(args: argparse.Namespace) -> int:
         return 2
     bad = [r for r in reports if not r.ok]
     if args.json:
-        print(json.dumps({"directory": str(args.directory), "ok": not bad,
-                          "points": [r.to_json() for r in reports]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "directory": str(args.directory),
+                    "ok": not bad,
+                    "points": [r.to_json() for r in reports],
+                },
+                indent=2,
+            )
+        )
     else:
         for r in reports:
             if r.ok:

@@ -59,11 +59,17 @@ def add_verbosity(p: argparse.ArgumentParser, *, top: bool = False) -> None:
     """-q/-v on the top parser (defaults) and on every command (not overriding the top)."""
     default: object = 0 if top else argparse.SUPPRESS
     p.add_argument(
-        "-q", "--quiet", action="store_true", default=False if top else argparse.SUPPRESS,
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
         help="print nothing but errors",
     )
     p.add_argument(
-        "-v", "--verbose", action="count", default=default,
+        "-v",
+        "--verbose",
+        action="count",
+        default=default,
         help="print more (log lines; twice: debug)",
     )
 

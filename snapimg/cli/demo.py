@@ -9,9 +9,14 @@ from typing import Any
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "demo", help="snapshot a sample image while qemu-io writes to it, back it up, verify")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="where to put the temporary files (default: the system temp dir)")
+        "demo", help="snapshot a sample image while qemu-io writes to it, back it up, verify"
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where to put the temporary files (default: the system temp dir)",
+    )
     p.set_defaults(func=_demo)
 
 

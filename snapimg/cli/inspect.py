@@ -26,23 +26,32 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "inspect", help="show size, format, partitions, filesystems and allocation of a target"
     )
-    p.add_argument("target", metavar="TARGET",
-                   help="image path, store directory, backup directory or nbd:// URI")
+    p.add_argument(
+        "target",
+        metavar="TARGET",
+        help="image path, store directory, backup directory or nbd:// URI",
+    )
     _backup_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("ls", help="list a directory inside a FAT, ext or NTFS filesystem")
-    p.add_argument("target", metavar="TARGET[:PART]",
-                   help="image, backup directory or nbd:// URI, optional :PART")
+    p.add_argument(
+        "target",
+        metavar="TARGET[:PART]",
+        help="image, backup directory or nbd:// URI, optional :PART",
+    )
     p.add_argument("path", metavar="PATH", nargs="?", default="/", help="directory (default /)")
     _backup_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_ls)
 
     p = sub.add_parser("cat", help="write a file inside a FAT, ext or NTFS filesystem to stdout")
-    p.add_argument("target", metavar="TARGET[:PART]",
-                   help="image, backup directory or nbd:// URI, optional :PART")
+    p.add_argument(
+        "target",
+        metavar="TARGET[:PART]",
+        help="image, backup directory or nbd:// URI, optional :PART",
+    )
     p.add_argument("path", metavar="PATH", help="file to print")
     _backup_option(p)
     p.set_defaults(func=_cat)
@@ -52,27 +61,34 @@ def register(sub: Any) -> None:
     )
     p.add_argument("a", metavar="A", help="image path or nbd:// URI")
     p.add_argument("b", metavar="B", help="image path or nbd:// URI")
-    add_size(p, "--block-size", "granularity of ranges, a power of two from 4K to 1M",
-             example="64K", default="64K")
+    add_size(
+        p,
+        "--block-size",
+        "granularity of ranges, a power of two from 4K to 1M",
+        example="64K",
+        default="64K",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_diff)
 
     p = sub.add_parser("checksum", help="digest of all bytes of a target, skipping holes")
-    p.add_argument("target", metavar="TARGET",
-                   help="image path, backup directory or nbd:// URI")
+    p.add_argument("target", metavar="TARGET", help="image path, backup directory or nbd:// URI")
     _backup_option(p)
     how = p.add_mutually_exclusive_group()
     how.add_argument("--algo", default="sha256", help="hashlib algorithm (default sha256)")
-    how.add_argument("--pieces", action="store_true",
-                     help="the sha256-pieces image digest that backups record "
-                          "(zero pieces cost nothing)")
+    how.add_argument(
+        "--pieces",
+        action="store_true",
+        help="the sha256-pieces image digest that backups record (zero pieces cost nothing)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(func=_checksum)
 
 
 def _backup_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backup", metavar="ID",
-                   help="with a backup directory: this point (default: the newest)")
+    p.add_argument(
+        "--backup", metavar="ID", help="with a backup directory: this point (default: the newest)"
+    )
 
 
 def _dump(obj: Any) -> None:
@@ -182,8 +198,10 @@ def _run_diff(args: argparse.Namespace) -> int:
         if result.ranges:
             rows = [[str(o), str(n), size_cell(n)] for o, n in result.ranges]
             print(format_table(["OFFSET", "LENGTH", "SIZE"], rows, right=(0, 1, 2)))
-        sizes = "" if result.size_a == result.size_b else (
-            f"; sizes differ: {result.size_a} and {result.size_b} bytes"
+        sizes = (
+            ""
+            if result.size_a == result.size_b
+            else (f"; sizes differ: {result.size_a} and {result.size_b} bytes")
         )
         print(
             f"{count(result.changed_blocks, 'changed block')} of {format_size(bs)} in "
@@ -216,8 +234,11 @@ def _checksum(args: argparse.Namespace) -> int:
         obj: dict[str, Any] = {"target": args.target}
         if args.backup is not None:
             obj["backup"] = args.backup
-        obj |= {"size": size, "algo": "sha256-pieces" if args.pieces else args.algo,
-                "digest": digest}
+        obj |= {
+            "size": size,
+            "algo": "sha256-pieces" if args.pieces else args.algo,
+            "digest": digest,
+        }
         if args.pieces:
             obj["digest_rule"] = rule_json()
         _dump(obj)

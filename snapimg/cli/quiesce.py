@@ -25,9 +25,11 @@ if TYPE_CHECKING:
     from snapimg.snapinfo import SnapshotInfo
 
 DEFAULT_TIMEOUT = 10.0
-QGA_HELP = ("unix socket of the VM's qemu-guest-agent channel (QEMU: -chardev socket,"
-            "path=SOCKET,server=on,wait=off,id=qga0 -device virtio-serial -device "
-            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0)")
+QGA_HELP = (
+    "unix socket of the VM's qemu-guest-agent channel (QEMU: -chardev socket,"
+    "path=SOCKET,server=on,wait=off,id=qga0 -device virtio-serial -device "
+    "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0)"
+)
 
 
 def _timeout(text: str) -> float:
@@ -44,18 +46,29 @@ def add_arguments(parser: argparse.ArgumentParser, *, libvirt: bool) -> None:
     """``--quiesce``, ``--qga SOCKET``, ``--quiesce-timeout``; ``--libvirt DOMAIN`` when the
     command has no --libvirt of its own (``libvirt=True``)."""
     group = parser.add_argument_group(
-        "quiescing", "freeze the guest's filesystems through its qemu-guest-agent while the "
-        "snapshot is taken (application-consistent); thawed on every path")
-    group.add_argument("--quiesce", action="store_true",
-                       help="freeze the guest's filesystems around the snapshot")
+        "quiescing",
+        "freeze the guest's filesystems through its qemu-guest-agent while the "
+        "snapshot is taken (application-consistent); thawed on every path",
+    )
+    group.add_argument(
+        "--quiesce", action="store_true", help="freeze the guest's filesystems around the snapshot"
+    )
     group.add_argument("--qga", type=Path, metavar="SOCKET", help=QGA_HELP)
     if libvirt:
-        group.add_argument("--libvirt", metavar="DOMAIN",
-                           help="quiesce through libvirt's agent connection of DOMAIN "
-                           "(virDomainFSFreeze/virDomainFSThaw) instead of --qga")
-    group.add_argument("--quiesce-timeout", type=_timeout, default=DEFAULT_TIMEOUT,
-                       metavar="SECONDS", help="limit for each agent command and for the "
-                       f"snapshot while frozen (default {DEFAULT_TIMEOUT:g})")
+        group.add_argument(
+            "--libvirt",
+            metavar="DOMAIN",
+            help="quiesce through libvirt's agent connection of DOMAIN "
+            "(virDomainFSFreeze/virDomainFSThaw) instead of --qga",
+        )
+    group.add_argument(
+        "--quiesce-timeout",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="limit for each agent command and for the "
+        f"snapshot while frozen (default {DEFAULT_TIMEOUT:g})",
+    )
 
 
 def _target(args: argparse.Namespace) -> tuple[Path | None, str | None]:
@@ -94,8 +107,9 @@ def window(args: argparse.Namespace) -> Iterator[FrozenWindow | None]:
     with quiesced(qga, domain, timeout=args.quiesce_timeout) as frozen:
         yield frozen
     if frozen.filesystems == 0:
-        print(f"snapimg {args.command}: warning: the guest agent froze no filesystem",
-              file=sys.stderr)
+        print(
+            f"snapimg {args.command}: warning: the guest agent froze no filesystem", file=sys.stderr
+        )
 
 
 def record(client: ControlClient, info: SnapshotInfo, frozen: FrozenWindow | None) -> None:
@@ -105,13 +119,17 @@ def record(client: ControlClient, info: SnapshotInfo, frozen: FrozenWindow | Non
         _record(client, info.origin, info.snap, frozen.frozen_ms, info.created)
 
 
-def _record(client: ControlClient, origin: str, snap: str, frozen_ms: int,
-            created: datetime | None) -> None:
+def _record(
+    client: ControlClient, origin: str, snap: str, frozen_ms: int, created: datetime | None
+) -> None:
     try:
         client.record_quiesce(origin, snap, frozen_ms, created)
     except SnapimgError as err:  # the snapshot is there and was quiesced: warn, do not fail
-        print(f"snapimg: warning: {origin}@{snap} was taken quiesced, but the server did not "
-              f"record it: {err}", file=sys.stderr)
+        print(
+            f"snapimg: warning: {origin}@{snap} was taken quiesced, but the server did not "
+            f"record it: {err}",
+            file=sys.stderr,
+        )
 
 
 def wrap_source(source: SnapshotSource, args: argparse.Namespace) -> QuiescedSource | None:
@@ -153,13 +171,18 @@ class QuiescedSource:
 
 def register(sub: Any) -> None:
     t: argparse.ArgumentParser = sub.add_parser(
-        "thaw", help="thaw a guest's filesystems left frozen (e.g. by a killed snapimg)")
+        "thaw", help="thaw a guest's filesystems left frozen (e.g. by a killed snapimg)"
+    )
     where = t.add_mutually_exclusive_group(required=True)
     where.add_argument("--qga", type=Path, metavar="SOCKET", help=QGA_HELP)
-    where.add_argument("--libvirt", metavar="DOMAIN",
-                       help="thaw through libvirt (virDomainFSThaw)")
-    t.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                   help=f"limit for each agent command (default {DEFAULT_TIMEOUT:g})")
+    where.add_argument("--libvirt", metavar="DOMAIN", help="thaw through libvirt (virDomainFSThaw)")
+    t.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"limit for each agent command (default {DEFAULT_TIMEOUT:g})",
+    )
     t.add_argument("--json", action="store_true", help="print a JSON object")
     t.set_defaults(func=_thaw)
 

@@ -53,8 +53,9 @@ def register(sub: Any) -> None:
         help="raw image file or block device to serve read-write as export NAME "
         "(default NAME: the file name without its extension)",
     )
-    p.add_argument("--socket", type=Path, required=True, metavar="PATH",
-                   help="NBD unix socket to create")
+    p.add_argument(
+        "--socket", type=Path, required=True, metavar="PATH", help="NBD unix socket to create"
+    )
     p.add_argument("--tcp", metavar="HOST:PORT", help="also serve NBD on this TCP address")
     add_control(p, help="control unix socket to create (for snapimg snapshot ...)")
     p.add_argument(
@@ -65,8 +66,13 @@ def register(sub: Any) -> None:
         help="directory of the preservation store, created if missing (its parent must "
         "exist); snapshots found there reopen",
     )
-    add_size(p, "--block-size", "copy-before-write block size, a power of two from 4K to 1M",
-             example="64K", default="64K")
+    add_size(
+        p,
+        "--block-size",
+        "copy-before-write block size, a power of two from 4K to 1M",
+        example="64K",
+        default="64K",
+    )
     p.add_argument(
         "--durability",
         choices=("default", "strict"),
@@ -83,8 +89,12 @@ def register(sub: Any) -> None:
         "record that) and the write goes on, else the write fails with EIO and the "
         "snapshot stays exact (default: no limit; native backend only)",
     )
-    p.add_argument("--pid-file", type=Path, metavar="PATH",
-                   help="write the server's pid here once ready (removed at exit)")
+    p.add_argument(
+        "--pid-file",
+        type=Path,
+        metavar="PATH",
+        help="write the server's pid here once ready (removed at exit)",
+    )
     p.add_argument(
         "--daemonize",
         action="store_true",
@@ -98,8 +108,9 @@ def register(sub: Any) -> None:
         default="native",
         help="data plane: native engine or qemu-storage-daemon (default: %(default)s)",
     )
-    p.add_argument("--tls-cert", type=Path, metavar="PATH",
-                   help="PEM certificate: require TLS on NBD")
+    p.add_argument(
+        "--tls-cert", type=Path, metavar="PATH", help="PEM certificate: require TLS on NBD"
+    )
     p.add_argument("--tls-key", type=Path, metavar="PATH", help="PEM private key of --tls-cert")
     p.add_argument(
         "--insecure", action="store_true", help="allow --tcp on a non-loopback address without TLS"

@@ -21,18 +21,18 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "snapshot", help="create, list, drop or release snapshots of a running server"
     )
-    cmds = p.add_subparsers(
-        dest="snapshot_command", metavar="SUBCOMMAND", parser_class=type(p)
-    )
+    cmds = p.add_subparsers(dest="snapshot_command", metavar="SUBCOMMAND", parser_class=type(p))
     cmds.required = True
 
     c = cmds.add_parser("create", help="take a snapshot; prints its NBD URI")
     add_control(c)
     c.add_argument("name", metavar="NAME@SNAP", help=_SNAPSHOT_HELP)
-    add_size(c, "--max-size", "store space this snapshot may use, at least one block",
-             example="1G")
-    c.add_argument("--writable", action="store_true",
-                   help="the snapshot export accepts writes (they never reach the origin)")
+    add_size(c, "--max-size", "store space this snapshot may use, at least one block", example="1G")
+    c.add_argument(
+        "--writable",
+        action="store_true",
+        help="the snapshot export accepts writes (they never reach the origin)",
+    )
     c.add_argument(
         "--on-full",
         choices=ON_FULL_CHOICES,
@@ -96,8 +96,17 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def format_table(infos: list[SnapshotInfo]) -> str:
-    header = ("NAME", "CREATED", "STATE", "PRESERVED", "MAX SIZE", "BLOCK", "MODE", "ON FULL",
-              "QUIESCED")
+    header = (
+        "NAME",
+        "CREATED",
+        "STATE",
+        "PRESERVED",
+        "MAX SIZE",
+        "BLOCK",
+        "MODE",
+        "ON FULL",
+        "QUIESCED",
+    )
     rows = [header]
     for i in infos:
         state = "valid" if i.valid else f"invalid ({i.reason})"

@@ -91,12 +91,18 @@ class ControlClient:
         )
         return snapshot_info_from_json(result["snapshot"]), result["uri"]
 
-    def record_quiesce(self, origin: str, snap: str, frozen_ms: int,
-                       created: datetime | None = None) -> SnapshotInfo:
+    def record_quiesce(
+        self, origin: str, snap: str, frozen_ms: int, created: datetime | None = None
+    ) -> SnapshotInfo:
         """Record that ``origin@snap`` (created at ``created``, if given) was taken while the
         guest was frozen for ``frozen_ms``: ``snapshot list`` shows it from then on."""
-        result = self.call("record_quiesce", origin=origin, snap=snap, frozen_ms=frozen_ms,
-                           created=None if created is None else created.isoformat())
+        result = self.call(
+            "record_quiesce",
+            origin=origin,
+            snap=snap,
+            frozen_ms=frozen_ms,
+            created=None if created is None else created.isoformat(),
+        )
         return snapshot_info_from_json(result)
 
     def list_snapshots(self) -> list[SnapshotInfo]:

@@ -68,12 +68,14 @@ class QuiesceNotes:
         notes = self._load()
         return [_apply(info, notes.get(info.name)) for info in infos]
 
-    def record(self, info: SnapshotInfo, frozen_ms: int,
-               alive: list[SnapshotInfo]) -> SnapshotInfo:
+    def record(self, info: SnapshotInfo, frozen_ms: int, alive: list[SnapshotInfo]) -> SnapshotInfo:
         """Note ``info`` as quiesced; notes of snapshots not in ``alive`` are dropped."""
         living = {i.name: i.created.isoformat() for i in alive}
-        notes = {name: note for name, note in self._load().items()
-                 if living.get(name) == note.get("created")}
+        notes = {
+            name: note
+            for name, note in self._load().items()
+            if living.get(name) == note.get("created")
+        }
         note = {"created": info.created.isoformat(), "frozen_ms": frozen_ms}
         notes[info.name] = note
         self._save(notes)
@@ -89,5 +91,6 @@ def _apply(info: SnapshotInfo, note: dict[str, Any] | None) -> SnapshotInfo:
     if note is None or note.get("created") != info.created.isoformat():
         return info
     frozen_ms = note.get("frozen_ms")
-    return dataclasses.replace(info, quiesced=True,
-                               frozen_ms=frozen_ms if isinstance(frozen_ms, int) else None)
+    return dataclasses.replace(
+        info, quiesced=True, frozen_ms=frozen_ms if isinstance(frozen_ms, int) else None
+    )

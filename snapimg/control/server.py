@@ -70,8 +70,10 @@ class Param:
             if not isinstance(value, bool):
                 raise ControlError(f"parameter {self.name!r} must be true or false")
         elif self.kind is int:
-            if not isinstance(value, int) or isinstance(value, bool) or not (
-                0 <= value <= MAX_BYTES
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or not (0 <= value <= MAX_BYTES)
             ):
                 raise ControlError(
                     f"parameter {self.name!r} must be an integer from 0 to {MAX_BYTES}"

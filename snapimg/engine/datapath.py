@@ -178,9 +178,7 @@ class DataPath:
         self.check_io()
         return o.file.pread(offset, length)
 
-    def origin_write(
-        self, o: OpenOrigin, offset: int, data: bytes | memoryview, fua: bool
-    ) -> None:
+    def origin_write(self, o: OpenOrigin, offset: int, data: bytes | memoryview, fua: bool) -> None:
         n = len(data)
         if offset < 0 or offset + n > o.file.size or not n:
             self.check_range(o.file.size, offset, n)
@@ -206,9 +204,7 @@ class DataPath:
             if self.store.pending:
                 self.store.reclaim()
 
-    def origin_zero(
-        self, o: OpenOrigin, offset: int, length: int, fua: bool, punch: bool
-    ) -> None:
+    def origin_zero(self, o: OpenOrigin, offset: int, length: int, fua: bool, punch: bool) -> None:
         self.check_range(o.file.size, offset, length)
         if not length:
             return
@@ -248,9 +244,7 @@ class DataPath:
         else:
             self._preserve_in_time(o, runs, self.cbw_timeout)
 
-    def _copy_runs(
-        self, o: OpenOrigin, runs: list[tuple[int, int]], job: Job[None] | None
-    ) -> None:
+    def _copy_runs(self, o: OpenOrigin, runs: list[tuple[int, int]], job: Job[None] | None) -> None:
         seq = 0
         for b, n in runs:
             seq = max(seq, self._copy_run(o, b, n, job))
@@ -368,7 +362,11 @@ class DataPath:
         for slot, count in extents:
             recs.append(
                 R.RunRec(
-                    kind=R.Kind.COPY, origin=o.entry.id, gen=gen, block=b + pos, count=count,
+                    kind=R.Kind.COPY,
+                    origin=o.entry.id,
+                    gen=gen,
+                    block=b + pos,
+                    count=count,
                     slot=slot,
                 )
             )
@@ -521,7 +519,11 @@ class DataPath:
                 self.store.write_slots(slot, buf)
                 with self.lock:
                     rec = R.RunRec(
-                        kind=R.Kind.PRIVATE, origin=o.entry.id, gen=s.gen, block=b, count=1,
+                        kind=R.Kind.PRIVATE,
+                        origin=o.entry.id,
+                        gen=s.gen,
+                        block=b,
+                        count=1,
                         slot=slot,
                     )
                     seq, _ = self.log([rec])

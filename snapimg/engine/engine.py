@@ -104,7 +104,13 @@ class Engine:
                     state.register(name, f.size, f.fingerprint(create_tag=False))
             else:
                 store, state = open_file_store(
-                    Path(store_dir), files, block_size, strict, boot, fault, table,
+                    Path(store_dir),
+                    files,
+                    block_size,
+                    strict,
+                    boot,
+                    fault,
+                    table,
                     parts.file_store if parts else FileStore,
                 )
         except BaseException:

@@ -170,9 +170,7 @@ class OriginIndex:
         runs: list[tuple[int, int]] = []
         start = -1
         for i, e in enumerate(ents):
-            if e < limit and (
-                not self.excluding or self.needers(b0 + i, e >> GEN_SHIFT, newest)
-            ):
+            if e < limit and (not self.excluding or self.needers(b0 + i, e >> GEN_SHIFT, newest)):
                 if start < 0:
                     start = i
             elif start >= 0:

@@ -83,10 +83,16 @@ class StoreState:
                 raise ValueError(f"generation {rec.gen} exists twice")
             idx.add_snapshot(
                 SnapshotState(
-                    origin=entry.name, name=rec.name, gen=rec.gen, created=rec.created,
-                    max_size=rec.max_size, writable=rec.writable,
+                    origin=entry.name,
+                    name=rec.name,
+                    gen=rec.gen,
+                    created=rec.created,
+                    max_size=rec.max_size,
+                    writable=rec.writable,
                     on_full="block-writes" if rec.on_full == "block-writes" else "invalidate",
-                    valid=rec.valid, reason=rec.reason or None, invalid_time=rec.invalid_time,
+                    valid=rec.valid,
+                    reason=rec.reason or None,
+                    invalid_time=rec.invalid_time,
                     preserved=rec.preserved,
                 )  # fmt: skip
             )
@@ -141,7 +147,11 @@ class StoreState:
                     )
                 for b, slot in sorted(s.private.items()):
                     yield R.RunRec(
-                        kind=R.Kind.PRIVATE_STATE, origin=o.id, gen=s.gen, block=b, count=1,
+                        kind=R.Kind.PRIVATE_STATE,
+                        origin=o.id,
+                        gen=s.gen,
+                        block=b,
+                        count=1,
                         slot=slot,
                     )
 

@@ -83,7 +83,7 @@ def pieces_digest(
                 for off, n, zero in item.runs:
                     if not zero:
                         rel = off - item.offset
-                        src.pread_into(off, view[rel:rel + n], n)
+                        src.pread_into(off, view[rel : rel + n], n)
                 pending.append((pool.submit(hash_piece, item, view), item.index, buf))
             done += item.length
             if progress is not None:

@@ -86,8 +86,10 @@ def _signature(head: bytes) -> str | None:
         return "ntfs"
     if head[1080:1082] == b"\x53\xef":
         return "ext"
-    if head[510:512] == b"\x55\xaa" and head[0] in (0xEB, 0xE9) and (
-        b"FAT" in head[54:62] or b"FAT32" in head[82:90] or head[13] != 0
+    if (
+        head[510:512] == b"\x55\xaa"
+        and head[0] in (0xEB, 0xE9)
+        and (b"FAT" in head[54:62] or b"FAT32" in head[82:90] or head[13] != 0)
     ):
         return "fat"
     return None

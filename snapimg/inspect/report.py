@@ -52,8 +52,10 @@ _FS_HEADERS = ["FS", "VARIANT", "LABEL", "UUID", "FS SIZE", "USED"]
 def render_inspect(rep: dict[str, Any]) -> str:
     alloc = rep["allocation"]
     head = [
-        ("Target", rep["target"] + (f" (backup point {rep['backup']})"
-                                    if rep.get("backup") else "")),
+        (
+            "Target",
+            rep["target"] + (f" (backup point {rep['backup']})" if rep.get("backup") else ""),
+        ),
         ("Format", rep["format"]),
         ("Virtual size", f"{format_size(rep['virtual_size'])} ({rep['virtual_size']} bytes)"),
         (

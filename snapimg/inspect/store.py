@@ -89,8 +89,12 @@ def render_store(rep: dict[str, Any]) -> str:
     head = [
         ("Store", rep["target"]),
         ("Block size", size_cell(rep["block_size"])),
-        ("State", ("open" if pid else "closed") + (", clean" if rep["clean"] else ", unclean")
-         + (f" (in use by pid {pid})" if pid else "")),
+        (
+            "State",
+            ("open" if pid else "closed")
+            + (", clean" if rep["clean"] else ", unclean")
+            + (f" (in use by pid {pid})" if pid else ""),
+        ),
         ("Durability", rep["durability"]),
         ("Data file", size_cell(rep["data_file_bytes"])),
     ]

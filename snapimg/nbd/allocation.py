@@ -17,9 +17,7 @@ ALLOCATION_DEPTH = "qemu:allocation-depth"
 STATUS_MAX = (4 << 30) - (4 << 20)
 
 
-def status_runs(
-    h: nbd.NBD, context: str, offset: int, length: int
-) -> Iterator[tuple[int, int]]:
+def status_runs(h: nbd.NBD, context: str, offset: int, length: int) -> Iterator[tuple[int, int]]:
     """(length, flags) of the consecutive extents of meta context ``context`` covering
     [offset, offset+length).  Raises libnbd's ``nbd.Error``, and :class:`ProtocolError`
     when the server reports no extent."""

@@ -208,4 +208,3 @@ class NbdServer:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         self.executor.shutdown(wait=True)
-

@@ -68,8 +68,10 @@ class AgentClient:
             sock.connect(str(self.path))
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
             sock.close()
-            raise QgaError("no guest agent channel listens there (is the VM running with "
-                           "the channel?)", where=str(self.path)) from None
+            raise QgaError(
+                "no guest agent channel listens there (is the VM running with the channel?)",
+                where=str(self.path),
+            ) from None
         except OSError as err:
             sock.close()
             raise QgaError(f"cannot connect: {err.strerror}", where=str(self.path)) from None
@@ -100,8 +102,9 @@ class AgentClient:
         self._await_sync(sync_id, call)
         self._dirty = False
 
-    def execute(self, command: str, arguments: dict[str, Any] | None = None, *,
-                timeout: float | None = None) -> Any:
+    def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> Any:
         """Run ``command``; its ``return`` value.  The agent's errors raise QgaError with its
         error class; no reply within the timeout raises QgaTimeoutError."""
         call = _Call(command, self.timeout if timeout is None else timeout)
@@ -117,9 +120,12 @@ class AgentClient:
         self._dirty = False
         if "error" in reply:
             error = reply["error"] if isinstance(reply["error"], dict) else {}
-            raise QgaError(str(error.get("desc", "no description")), command=command,
-                           error_class=str(error.get("class", "GenericError")),
-                           where=str(self.path))
+            raise QgaError(
+                str(error.get("desc", "no description")),
+                command=command,
+                error_class=str(error.get("class", "GenericError")),
+                where=str(self.path),
+            )
         return reply.get("return")
 
     def ping(self) -> None:
@@ -200,14 +206,14 @@ class AgentClient:
         while (at := self._buffer.find(SENTINEL)) < 0:
             self._buffer = b""
             self._fill(call)
-        self._buffer = self._buffer[at + 1:]
+        self._buffer = self._buffer[at + 1 :]
 
     def _read_line(self, call: _Call) -> bytes:
         while (end := self._buffer.find(b"\n")) < 0:
             if len(self._buffer) > MAX_REPLY:
                 raise self._error(f"reply longer than {MAX_REPLY} bytes", call.command)
             self._fill(call)
-        line, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+        line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
         return line.strip()
 
     def _fill(self, call: _Call) -> None:
@@ -239,8 +245,9 @@ class _Call:
         return left
 
     def timed_out(self, path: Path) -> QgaTimeoutError:
-        return QgaTimeoutError(f"no answer within {self.seconds:g} s", command=self.command,
-                               where=str(path))
+        return QgaTimeoutError(
+            f"no answer within {self.seconds:g} s", command=self.command, where=str(path)
+        )
 
 
 def _encode(command: str, arguments: dict[str, Any] | None, request_id: str | None) -> bytes:

@@ -21,8 +21,8 @@ LIBVIRT_URI = "qemu:///system"
 
 
 class Freezer(Protocol):
-    where: str       # for messages: the socket or the domain
-    thaw_hint: str   # the snapimg command that thaws this guest by hand
+    where: str  # for messages: the socket or the domain
+    thaw_hint: str  # the snapimg command that thaws this guest by hand
 
     def status(self) -> FreezeStatus | None:
         """The agent's freeze state, or None where asking would cost more than it tells."""
@@ -64,8 +64,9 @@ class LibvirtFreezer:
         try:
             import libvirt
         except ImportError:
-            raise QgaError("--libvirt needs the libvirt Python binding "
-                           "(pip install libvirt-python)") from None
+            raise QgaError(
+                "--libvirt needs the libvirt Python binding (pip install libvirt-python)"
+            ) from None
         self._libvirt: Any = libvirt
         self.where = f"libvirt domain {domain}"
         self.thaw_hint = f"snapimg thaw --libvirt {domain}"
@@ -90,7 +91,8 @@ class LibvirtFreezer:
 
         try:
             text = libvirt_qemu.qemuAgentCommand(
-                self.dom, json.dumps({"execute": "guest-fsfreeze-status"}), int(timeout), 0)
+                self.dom, json.dumps({"execute": "guest-fsfreeze-status"}), int(timeout), 0
+            )
         except self._libvirt.libvirtError as err:
             raise self._error(err, "guest-fsfreeze-status") from None
         status: FreezeStatus = json.loads(text)["return"]
@@ -109,16 +111,24 @@ class LibvirtFreezer:
             raise self._error(err, "virDomainFSThaw") from None
 
     def _error(self, err: Any, command: str) -> QgaError:
-        kind = QgaTimeoutError if err.get_error_code() == self._libvirt.VIR_ERR_AGENT_UNRESPONSIVE \
+        kind = (
+            QgaTimeoutError
+            if err.get_error_code() == self._libvirt.VIR_ERR_AGENT_UNRESPONSIVE
             else QgaError
+        )
         return kind(err.get_error_message(), command=command, where=self.where)
 
     def close(self) -> None:
         self.conn.close()
 
 
-def open_freezer(*, qga: Path | None = None, libvirt_domain: str | None = None,
-                 libvirt_uri: str = LIBVIRT_URI, timeout: float = 10.0) -> Freezer:
+def open_freezer(
+    *,
+    qga: Path | None = None,
+    libvirt_domain: str | None = None,
+    libvirt_uri: str = LIBVIRT_URI,
+    timeout: float = 10.0,
+) -> Freezer:
     """The agent socket when given, else the libvirt domain; connected and in sync."""
     if qga is not None:
         return AgentFreezer(qga, timeout)

@@ -46,20 +46,25 @@ class FrozenWindow:
     """What one quiesce measured.  Times in milliseconds; ``frozen_ms`` is the whole window
     from the freeze request to the thaw's answer: the longest any guest write was held."""
 
-    filesystems: int = 0            # frozen by the agent
-    thawed: int | None = None       # thawed by our thaw (None: the thaw failed)
+    filesystems: int = 0  # frozen by the agent
+    thawed: int | None = None  # thawed by our thaw (None: the thaw failed)
     freeze_ms: float | None = None  # freeze request -> its answer (includes the guest's sync)
-    body_ms: float | None = None    # the snapshot, while frozen
-    thaw_ms: float | None = None    # thaw request -> its answer
-    frozen_ms: int | None = None    # freeze request -> thaw answered, rounded up
+    body_ms: float | None = None  # the snapshot, while frozen
+    thaw_ms: float | None = None  # thaw request -> its answer
+    frozen_ms: int | None = None  # freeze request -> thaw answered, rounded up
 
     def to_json(self) -> dict[str, Any]:
         def ms(value: float | None) -> float | None:
             return None if value is None else round(value, 3)
 
-        return {"quiesced": self.frozen_ms is not None, "frozen_ms": self.frozen_ms,
-                "filesystems_frozen": self.filesystems, "freeze_ms": ms(self.freeze_ms),
-                "snapshot_ms": ms(self.body_ms), "thaw_ms": ms(self.thaw_ms)}
+        return {
+            "quiesced": self.frozen_ms is not None,
+            "frozen_ms": self.frozen_ms,
+            "filesystems_frozen": self.filesystems,
+            "freeze_ms": ms(self.freeze_ms),
+            "snapshot_ms": ms(self.body_ms),
+            "thaw_ms": ms(self.thaw_ms),
+        }
 
 
 class _Alarm(BaseException):
@@ -135,10 +140,12 @@ def frozen(freezer: Freezer, timeout: float = 10.0) -> Iterator[FrozenWindow]:
         except _Alarm:
             pending = QgaTimeoutError(
                 f"the snapshot was not taken within {timeout:g} s of the freeze (see "
-                f"--quiesce-timeout); the guest was thawed", where=freezer.where)
+                f"--quiesce-timeout); the guest was thawed",
+                where=freezer.where,
+            )
         except QgaError as err:
             if body_began is None and _refused_as_frozen(err):  # someone else's freeze:
-                raise _frozen_already(freezer) from None       # not ours to thaw
+                raise _frozen_already(freezer) from None  # not ours to thaw
             pending = err
         except BaseException as err:
             pending = err
@@ -152,8 +159,12 @@ def frozen(freezer: Freezer, timeout: float = 10.0) -> Iterator[FrozenWindow]:
     if failure is not None:
         raise failure from pending
     if isinstance(pending, QgaError) and body_began is None:  # the freeze failed
-        raise type(pending)(f"{pending.desc}; the guest was thawed", command=pending.command,
-                            error_class=pending.error_class, where=pending.where) from None
+        raise type(pending)(
+            f"{pending.desc}; the guest was thawed",
+            command=pending.command,
+            error_class=pending.error_class,
+            where=pending.where,
+        ) from None
     if pending is not None:
         raise pending
     if guard.deferred:  # a signal during the thaw: act on it now
@@ -161,9 +172,11 @@ def frozen(freezer: Freezer, timeout: float = 10.0) -> Iterator[FrozenWindow]:
 
 
 def _frozen_already(freezer: Freezer) -> QgaError:
-    return QgaError(f"the guest's filesystems are frozen already (by another tool, or a "
-                    f"snapimg that was killed): thaw them first with '{freezer.thaw_hint}'",
-                    where=freezer.where)
+    return QgaError(
+        f"the guest's filesystems are frozen already (by another tool, or a "
+        f"snapimg that was killed): thaw them first with '{freezer.thaw_hint}'",
+        where=freezer.where,
+    )
 
 
 def _refused_as_frozen(err: QgaError) -> bool:
@@ -173,16 +186,20 @@ def _refused_as_frozen(err: QgaError) -> bool:
     return not isinstance(err, QgaTimeoutError) and "frozen state" in err.desc
 
 
-def _thaw(freezer: Freezer, window: FrozenWindow, timeout: float,
-          pending: BaseException | None) -> QgaError | None:
+def _thaw(
+    freezer: Freezer, window: FrozenWindow, timeout: float, pending: BaseException | None
+) -> QgaError | None:
     """Thaw; the error to raise instead of ``pending`` when that failed."""
     began = time.monotonic()
     try:
         window.thawed = freezer.thaw(timeout)
     except QgaError as err:
         before = f"{_brief(pending)}; then " if isinstance(pending, SnapimgError) else ""
-        return QgaError(f"{before}the thaw failed ({_brief(err)}): the guest may still be "
-                        f"frozen; run '{freezer.thaw_hint}'", where=freezer.where)
+        return QgaError(
+            f"{before}the thaw failed ({_brief(err)}): the guest may still be "
+            f"frozen; run '{freezer.thaw_hint}'",
+            where=freezer.where,
+        )
     window.thaw_ms = _ms(began)
     return None
 
@@ -195,17 +212,25 @@ def _brief(err: SnapimgError) -> str:
 
 
 @contextlib.contextmanager
-def quiesced(qga: Path | None = None, libvirt_domain: str | None = None, *,
-             timeout: float = 10.0, libvirt_uri: str = LIBVIRT_URI) -> Iterator[FrozenWindow]:
+def quiesced(
+    qga: Path | None = None,
+    libvirt_domain: str | None = None,
+    *,
+    timeout: float = 10.0,
+    libvirt_uri: str = LIBVIRT_URI,
+) -> Iterator[FrozenWindow]:
     """Freeze the guest behind agent socket ``qga`` (or libvirt domain ``libvirt_domain``)
     for the body; the yielded :class:`FrozenWindow` is complete once the block is left."""
     try:
-        freezer = open_freezer(qga=qga, libvirt_domain=libvirt_domain, libvirt_uri=libvirt_uri,
-                               timeout=timeout)
+        freezer = open_freezer(
+            qga=qga, libvirt_domain=libvirt_domain, libvirt_uri=libvirt_uri, timeout=timeout
+        )
     except QgaTimeoutError as err:
-        raise QgaTimeoutError(f"{err.desc} (is qemu-guest-agent running in the guest?); "
-                              "nothing was frozen", command=err.command,
-                              where=err.where) from None
+        raise QgaTimeoutError(
+            f"{err.desc} (is qemu-guest-agent running in the guest?); nothing was frozen",
+            command=err.command,
+            where=err.where,
+        ) from None
     try:
         with frozen(freezer, timeout) as window:
             yield window
@@ -213,11 +238,17 @@ def quiesced(qga: Path | None = None, libvirt_domain: str | None = None, *,
         freezer.close()
 
 
-def thaw(qga: Path | None = None, libvirt_domain: str | None = None, *,
-         timeout: float = 10.0, libvirt_uri: str = LIBVIRT_URI) -> int:
+def thaw(
+    qga: Path | None = None,
+    libvirt_domain: str | None = None,
+    *,
+    timeout: float = 10.0,
+    libvirt_uri: str = LIBVIRT_URI,
+) -> int:
     """Thaw a guest left frozen (``snapimg thaw``); how many filesystems were thawed."""
-    freezer = open_freezer(qga=qga, libvirt_domain=libvirt_domain, libvirt_uri=libvirt_uri,
-                           timeout=timeout)
+    freezer = open_freezer(
+        qga=qga, libvirt_domain=libvirt_domain, libvirt_uri=libvirt_uri, timeout=timeout
+    )
     try:
         return freezer.thaw(timeout)
     finally:

@@ -30,11 +30,19 @@ def qsd_export(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
     def start(image: Path) -> str:
         sock = tmp_path / f"qsd{len(procs)}.sock"
         proc = subprocess.Popen(
-            ["qemu-storage-daemon",
-             "--blockdev", f"driver=file,node-name=f,filename={image},read-only=on",
-             "--nbd-server", f"addr.type=unix,addr.path={sock}",
-             "--export", "type=nbd,id=e,node-name=f,name=img"],
-            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                "qemu-storage-daemon",
+                "--blockdev",
+                f"driver=file,node-name=f,filename={image},read-only=on",
+                "--nbd-server",
+                f"addr.type=unix,addr.path={sock}",
+                "--export",
+                "type=nbd,id=e,node-name=f,name=img",
+            ],
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         procs.append(proc)
         deadline = time.monotonic() + 30
         while not sock.exists():

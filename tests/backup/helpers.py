@@ -19,8 +19,13 @@ PIECE = 4 * MiB
 
 
 def snapimg(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*SNAPIMG, *map(str, args)], capture_output=True, text=True,
-                          timeout=300, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [*SNAPIMG, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"snapimg {args} failed ({proc.returncode}): {proc.stderr}")
     return proc
@@ -35,8 +40,11 @@ def qemu_io(target: str, *commands: str, fmt: str = "raw") -> str:
     for c in commands:
         args += ["-c", c]
     proc = subprocess.run([*args, target], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "error" not in proc.stdout.lower() \
-        and "fail" not in proc.stdout.lower(), proc.stdout + proc.stderr
+    assert (
+        proc.returncode == 0
+        and "error" not in proc.stdout.lower()
+        and "fail" not in proc.stdout.lower()
+    ), proc.stdout + proc.stderr
     return proc.stdout
 
 
@@ -50,8 +58,9 @@ def make_origin(path: Path, size: int, *writes: str) -> Path:
 
 
 def qemu_img(*args: str | Path) -> str:
-    proc = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        ["qemu-img", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -88,8 +97,9 @@ def manifest(directory: Path) -> dict[str, Any]:
     return obj
 
 
-def wait_for(cond: Any, proc: subprocess.Popen[bytes] | None, what: str,
-             timeout: float = 120) -> None:
+def wait_for(
+    cond: Any, proc: subprocess.Popen[bytes] | None, what: str, timeout: float = 120
+) -> None:
     """Poll ``cond()`` until true; fail if ``proc`` ends first (a hang guard, not a timing)."""
     deadline = time.monotonic() + timeout
     while not cond():

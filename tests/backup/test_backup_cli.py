@@ -37,19 +37,30 @@ def _writer_round(uri: str, rng: random.Random, zero_ranges: bool) -> None:
         length = rng.choice([512, 4096, 65536 + 4096, 300 * 1024])
         cmds.append(f"write -P {rng.randrange(1, 255)} {off} {length}")
     if zero_ranges:
-        cmds += ["write -z 0 192k", "write -z 1028k 4k", "discard 2M 128k",
-                 "write -z -u 8M 1M", f"write -z {SIZE - 64 * 1024} 64k"]
+        cmds += [
+            "write -z 0 192k",
+            "write -z 1028k 4k",
+            "discard 2M 128k",
+            "write -z -u 8M 1M",
+            f"write -z {SIZE - 64 * 1024} 64k",
+        ]
     qemu_io(uri, *cmds)
 
 
 def _origin(tmp_path: Path) -> Path:
-    return make_origin(tmp_path / "disk.img", SIZE, "write -P 0x11 0 3M",
-                       "write -P 0x22 8M 2M", "write -P 0x33 40M 64k",
-                       f"write -P 0x44 {SIZE - MiB} 1M")
+    return make_origin(
+        tmp_path / "disk.img",
+        SIZE,
+        "write -P 0x11 0 3M",
+        "write -P 0x22 8M 2M",
+        "write -P 0x33 40M 64k",
+        f"write -P 0x44 {SIZE - MiB} 1M",
+    )
 
 
 def test_full_then_incrementals_are_a_qcow2_chain_that_restores_exactly(
-        tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    tmp_path: Path, serve: Callable[..., Serve]
+) -> None:
     disk = _origin(tmp_path)
     srv = serve([f"disk={disk}"])
     ctl = srv.control
@@ -101,8 +112,12 @@ def test_full_then_incrementals_are_a_qcow2_chain_that_restores_exactly(
 
     # every file of the directory: QEMU's tools see a chain; nothing relies on holes
     chain = json.loads(qemu_img("info", "--backing-chain", "--output=json", bk / "b0004.qcow2"))
-    assert [Path(c["filename"]).name for c in chain] == \
-        ["b0004.qcow2", "b0003.qcow2", "b0002.qcow2", "b0001.qcow2"]
+    assert [Path(c["filename"]).name for c in chain] == [
+        "b0004.qcow2",
+        "b0003.qcow2",
+        "b0002.qcow2",
+        "b0001.qcow2",
+    ]
     for child, parent in zip(chain, chain[1:], strict=False):
         assert child["format"] == "qcow2" and child["virtual-size"] == SIZE
         assert child["backing-filename"] == Path(parent["filename"]).name  # relative
@@ -151,14 +166,16 @@ def test_full_then_incrementals_are_a_qcow2_chain_that_restores_exactly(
 
 
 def test_missing_parent_and_damage_are_refused_clearly(
-        tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    tmp_path: Path, serve: Callable[..., Serve]
+) -> None:
     disk = _origin(tmp_path)
     srv = serve([f"disk={disk}"])
     bk = tmp_path / "backups"
     snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--keep", "disk@a")
     qemu_io(srv.uri("disk"), "write -P 0x45 1M 64k")
-    snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--since", "a",
-            "--keep", "disk@b")
+    snapimg(
+        "backup", "--control", srv.control, "disk", "--to", bk, "--since", "a", "--keep", "disk@b"
+    )
     qemu_io(srv.uri("disk"), "write -P 0x55 2M 64k")
     snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--since", "b")
 
@@ -187,24 +204,30 @@ def test_missing_parent_and_damage_are_refused_clearly(
     assert out.read_bytes() == before and not list(tmp_path.glob(".out.img*"))
 
     # an incremental from a snapshot no backup came from is refused; nothing is left over
-    proc = snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--since", "nope",
-                   check=False)
+    proc = snapimg(
+        "backup", "--control", srv.control, "disk", "--to", bk, "--since", "nope", check=False
+    )
     assert proc.returncode == 1 and "no backup in" in proc.stderr
     names = {s["name"] for s in snapimg_json("snapshot", "list", "--control", srv.control)}
     assert names == {"disk@a", "disk@b"}
     assert sorted(p.name for p in bk.iterdir()) == sorted(
-        ["manifest.json"] + [f"b000{i}.{ext}" for i in (1, 2, 3) for ext in ("qcow2", "pieces")])
+        ["manifest.json"] + [f"b000{i}.{ext}" for i in (1, 2, 3) for ext in ("qcow2", "pieces")]
+    )
 
 
 def test_incremental_rehashes_only_the_pieces_it_changed(
-        tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    tmp_path: Path, serve: Callable[..., Serve]
+) -> None:
     disk = _origin(tmp_path)
     srv = serve([f"disk={disk}"])
     bk = tmp_path / "backups"
     snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--keep", "disk@a")
     # one write inside piece 2 (data), one into piece 5 (a hole until now)
-    qemu_io(srv.uri("disk"), f"write -P 0x61 {2 * PIECE + 4096} 4096",
-            f"write -P 0x62 {5 * PIECE + 65536} 512")
+    qemu_io(
+        srv.uri("disk"),
+        f"write -P 0x61 {2 * PIECE + 4096} 4096",
+        f"write -P 0x62 {5 * PIECE + 65536} 512",
+    )
     inc = snapimg_json("backup", "--control", srv.control, "disk", "--to", bk, "--since", "a")
     assert inc["pieces_hashed"] == 2
     # block 2 is data; of piece 5's block only the written part is (the rest reads as

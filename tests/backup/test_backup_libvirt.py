@@ -58,14 +58,16 @@ def hmp(dom: Any, line: str) -> str:
 
 
 def backup(*args: str) -> tuple[dict[str, Any], str]:
-    proc = subprocess.run([*SNAPIMG, "backup", *args, "--json"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [*SNAPIMG, "backup", *args, "--json"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), proc.stderr
 
 
-def test_libvirt_pull_backup_full_and_since_falls_back(domain: tuple[Any, Path],
-                                                       tmp_path: Path) -> None:
+def test_libvirt_pull_backup_full_and_since_falls_back(
+    domain: tuple[Any, Path], tmp_path: Path
+) -> None:
     dom, disk = domain
     bk = tmp_path / "bk"
     ref1 = tmp_path / "ref1.img"
@@ -75,26 +77,36 @@ def test_libvirt_pull_backup_full_and_since_falls_back(domain: tuple[Any, Path],
     assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE  # the pull backup was ended
 
     blocks = json.loads(libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-block"}', 0))
-    qdev = next(b["qdev"] for b in blocks["return"]
-                if b.get("inserted", {}).get("file") == str(disk))
+    qdev = next(
+        b["qdev"] for b in blocks["return"] if b.get("inserted", {}).get("file") == str(disk)
+    )
     for cmd in ("write -P 0x77 1M 64k", "write -z 8M 512k"):
         out = hmp(dom, f'qemu-io -d {qdev} "{cmd}"')
         assert "error" not in out.lower(), out
     ref2 = tmp_path / "ref2.img"
     shutil.copyfile(disk, ref2)
     assert ref2.read_bytes() != ref1.read_bytes()
-    second, stderr = backup("--libvirt", dom.name(), "--disk", "vda", "disk", "--to", str(bk),
-                            "--since", "whatever")
+    second, stderr = backup(
+        "--libvirt", dom.name(), "--disk", "vda", "disk", "--to", str(bk), "--since", "whatever"
+    )
     assert second["kind"] == "full" and "notice: this source cannot list" in stderr
 
     for rec_id, ref in (("b0001", ref1), ("b0002", ref2)):
         out_img = tmp_path / f"{rec_id}.img"
-        proc = subprocess.run([*SNAPIMG, "restore", str(bk), "--backup", rec_id, "--to",
-                               str(out_img)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [*SNAPIMG, "restore", str(bk), "--backup", rec_id, "--to", str(out_img)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         assert out_img.read_bytes() == ref.read_bytes()
 
-    proc = subprocess.run([*SNAPIMG, "backup", "--libvirt", dom.name(), "--disk", "vdz", "disk",
-                           "--to", str(bk)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*SNAPIMG, "backup", "--libvirt", dom.name(), "--disk", "vdz", "disk", "--to", str(bk)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "has no disk 'vdz' (it has: vda, vdb)" in proc.stderr

@@ -33,20 +33,34 @@ class Vm:
         self.qmp_test = tmp / "qmp-test.sock"
         self.qmp = tmp / "qmp.sock"
         self.proc = subprocess.Popen(
-            ["qemu-system-x86_64", "-machine", "pc", "-nodefaults", "-S", "-display", "none",
-             "-qmp", f"unix:{self.qmp_test},server=on,wait=off",
-             "-qmp", f"unix:{self.qmp},server=on,wait=off",
-             "-drive", f"if=none,id=d0,file={self.disk},format=raw",
-             "-device", "ide-hd,drive=d0,id=ide0,bus=ide.0"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                "qemu-system-x86_64",
+                "-machine",
+                "pc",
+                "-nodefaults",
+                "-S",
+                "-display",
+                "none",
+                "-qmp",
+                f"unix:{self.qmp_test},server=on,wait=off",
+                "-qmp",
+                f"unix:{self.qmp},server=on,wait=off",
+                "-drive",
+                f"if=none,id=d0,file={self.disk},format=raw",
+                "-device",
+                "ide-hd,drive=d0,id=ide0,bus=ide.0",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.loop = asyncio.new_event_loop()
         deadline = time.monotonic() + 30
         while True:
             assert self.proc.poll() is None, "qemu-system-x86_64 exited"
             try:
-                self.mon: Qmp = self.loop.run_until_complete(Qmp.connect(self.qmp_test,
-                                                                         timeout=2))
+                self.mon: Qmp = self.loop.run_until_complete(Qmp.connect(self.qmp_test, timeout=2))
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -79,8 +93,13 @@ def vm() -> Iterator[Vm]:
 
 def backup(vm: Vm, *args: str) -> tuple[dict[str, Any], str]:
     env = dict(os.environ, TMPDIR=str(vm.tmp))  # attach's store dir goes under TMPDIR
-    proc = subprocess.run([*SNAPIMG, "backup", "--qmp", str(vm.qmp), "--device", "ide0", *args,
-                           "--json"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [*SNAPIMG, "backup", "--qmp", str(vm.qmp), "--device", "ide0", *args, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), proc.stderr
 
@@ -102,13 +121,21 @@ def test_qmp_full_backups_and_since_falls_back_to_full(vm: Vm) -> None:
 
     for rec_id, ref in (("b0001", ref1), ("b0002", ref2)):
         out = vm.tmp / f"{rec_id}.img"
-        proc = subprocess.run([*SNAPIMG, "restore", str(bk), "--backup", rec_id, "--to",
-                               str(out)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [*SNAPIMG, "restore", str(bk), "--backup", rec_id, "--to", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         assert out.read_bytes() == ref.read_bytes()
     # the second snapshot was detached, the kept one is still attached
-    nodes = {n["node-name"] for n in vm.loop.run_until_complete(
-        vm.mon.execute("query-named-block-nodes", {"flat": True}))}
+    nodes = {
+        n["node-name"]
+        for n in vm.loop.run_until_complete(
+            vm.mon.execute("query-named-block-nodes", {"flat": True})
+        )
+    }
     exports = vm.loop.run_until_complete(vm.mon.execute("query-block-exports"))
     assert len(exports) == 1
     assert any(n.endswith("-t") for n in nodes)

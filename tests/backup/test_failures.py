@@ -22,10 +22,12 @@ def _one_line(stderr: str) -> None:
 
 
 def test_a_backup_that_cannot_start_creates_no_directory_and_no_lock(
-        tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    tmp_path: Path, serve: Callable[..., Serve]
+) -> None:
     new = tmp_path / "new"
-    proc = snapimg("backup", "--control", tmp_path / "nobody.sock", "disk", "--to", new,
-                   check=False)
+    proc = snapimg(
+        "backup", "--control", tmp_path / "nobody.sock", "disk", "--to", new, check=False
+    )
     assert proc.returncode == 1 and "no snapimg server is running" in proc.stderr
     _one_line(proc.stderr)
     assert not new.exists()
@@ -36,8 +38,7 @@ def test_a_backup_that_cannot_start_creates_no_directory_and_no_lock(
     assert "serves no origin 'nope' (it serves: disk)" in proc.stderr
     _one_line(proc.stderr)
     for bad in (("--keep", "other@x"), ("--since", "a", "--keep", "a")):
-        proc = snapimg("backup", "--control", srv.control, "disk", "--to", new, *bad,
-                       check=False)
+        proc = snapimg("backup", "--control", srv.control, "disk", "--to", new, *bad, check=False)
         assert proc.returncode == 1
         _one_line(proc.stderr)
     proc = snapimg("backup", "--control", srv.control, "disk", check=False)  # no --to
@@ -47,8 +48,9 @@ def test_a_backup_that_cannot_start_creates_no_directory_and_no_lock(
     # the server refuses the snapshot (its name is taken): the directory this run made is
     # removed again, and the existing snapshot is not dropped
     snapimg("snapshot", "create", "--control", srv.control, "disk@taken")
-    proc = snapimg("backup", "--control", srv.control, "disk", "--to", new, "--keep",
-                   "disk@taken", check=False)
+    proc = snapimg(
+        "backup", "--control", srv.control, "disk", "--to", new, "--keep", "disk@taken", check=False
+    )
     assert proc.returncode == 1
     _one_line(proc.stderr)
     assert not new.exists()
@@ -72,7 +74,8 @@ def test_a_backup_that_cannot_start_creates_no_directory_and_no_lock(
 
 
 def test_restore_refuses_an_existing_file_without_force_and_shows_progress(
-        tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    tmp_path: Path, serve: Callable[..., Serve]
+) -> None:
     disk = _origin(tmp_path)
     srv = serve([f"disk={disk}"])
     bk = tmp_path / "bk"
@@ -85,8 +88,9 @@ def test_restore_refuses_an_existing_file_without_force_and_shows_progress(
     important.write_text("precious\n")
     proc = snapimg("restore", bk, "--to", important, check=False)
     assert proc.returncode == 1
-    assert proc.stderr == (f"snapimg restore: {important} exists: restore does not overwrite "
-                           f"a file without --force\n")
+    assert proc.stderr == (
+        f"snapimg restore: {important} exists: restore does not overwrite a file without --force\n"
+    )
     assert important.read_text() == "precious\n"
     proc = snapimg("restore", bk, "--to", tmp_path, check=False)
     assert proc.returncode == 1 and "is not a regular file" in proc.stderr
@@ -104,21 +108,24 @@ def test_restore_refuses_an_existing_file_without_force_and_shows_progress(
 
 
 def test_restore_to_a_full_filesystem_fails_in_one_line_and_leaves_nothing(
-        tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    tmp_path: Path, serve: Callable[..., Serve]
+) -> None:
     srv = serve([f"disk={_origin(tmp_path)}"])
     bk = tmp_path / "bk"
     snapimg("backup", "--control", srv.control, "disk", "--to", bk)
     small = tmp_path / "small"
     small.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small],
-                           capture_output=True, text=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", small], capture_output=True, text=True
+    )
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
     try:
         proc = snapimg("restore", bk, "--to", small / "out.img", check=False)
         assert proc.returncode == 1
-        assert proc.stderr == ("snapimg restore: writing the image failed: "
-                               "No space left on device\n")
+        assert proc.stderr == (
+            "snapimg restore: writing the image failed: No space left on device\n"
+        )
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", small], check=True)

@@ -18,15 +18,23 @@ from snapimg.errors import BackupError
 
 
 def _record(i: int, parent: str | None) -> BackupRecord:
-    return BackupRecord(id=f"b{i:04d}", parent=parent,
-                        kind="full" if parent is None else "incremental", origin="disk",
-                        snapshot=f"disk@s{i}", created="2026-01-01T00:00:00+00:00",
-                        file=f"b{i:04d}.qcow2", size=1 << 20, block_size=65536,
-                        bytes_written=0, digest=f"{i:064x}", pieces=f"b{i:04d}.pieces")
+    return BackupRecord(
+        id=f"b{i:04d}",
+        parent=parent,
+        kind="full" if parent is None else "incremental",
+        origin="disk",
+        snapshot=f"disk@s{i}",
+        created="2026-01-01T00:00:00+00:00",
+        file=f"b{i:04d}.qcow2",
+        size=1 << 20,
+        block_size=65536,
+        bytes_written=0,
+        digest=f"{i:064x}",
+        pieces=f"b{i:04d}.pieces",
+    )
 
 
-@pytest.mark.parametrize("size", [0, 1, 4096, PIECE_SIZE, PIECE_SIZE + 1,
-                                  3 * PIECE_SIZE + 12345])
+@pytest.mark.parametrize("size", [0, 1, 4096, PIECE_SIZE, PIECE_SIZE + 1, 3 * PIECE_SIZE + 12345])
 def test_image_digest_follows_the_rule(size: int) -> None:
     """The digest of sparse piece digests equals the rule applied to every byte."""
     rng = random.Random(size)
@@ -36,7 +44,7 @@ def test_image_digest_follows_the_rule(size: int) -> None:
     digests = PieceDigests(size)
     outer = hashlib.sha256()
     for i in range(0, size, PIECE_SIZE):
-        d = hashlib.sha256(data[i:i + PIECE_SIZE]).digest()
+        d = hashlib.sha256(data[i : i + PIECE_SIZE]).digest()
         outer.update(d)
         digests.set(i // PIECE_SIZE, d)
     assert digests.image_digest() == outer.hexdigest()
@@ -89,8 +97,12 @@ def test_manifest_refuses_garbage(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text('{"backups": [{"id": "b0001"}]}')
     with pytest.raises(BackupError, match="b0001"):
         manifest.load(tmp_path)
-    obj = {"format": "snapimg-backup", "version": 2,
-           "digest_rule": {"name": "sha256-pieces", "piece_size": 65536}, "backups": []}
+    obj = {
+        "format": "snapimg-backup",
+        "version": 2,
+        "digest_rule": {"name": "sha256-pieces", "piece_size": 65536},
+        "backups": [],
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(obj))
     with pytest.raises(BackupError, match="unsupported digest_rule"):
         manifest.load(tmp_path)
@@ -128,9 +140,17 @@ def test_overlay_splits_and_merges() -> None:
     a, b = Path("a"), Path("b")
     base = [chain.Segment(0, 100, a)]
     out = chain.overlay(base, [(10, 10, True), (20, 5, False), (90, 10, True)], b, 100)
-    assert out == [chain.Segment(0, 10, a), chain.Segment(10, 10, b),
-                   chain.Segment(20, 5, None), chain.Segment(25, 65, a),
-                   chain.Segment(90, 10, b)]
+    assert out == [
+        chain.Segment(0, 10, a),
+        chain.Segment(10, 10, b),
+        chain.Segment(20, 5, None),
+        chain.Segment(25, 65, a),
+        chain.Segment(90, 10, b),
+    ]
     again = chain.overlay(out, [(5, 30, False)], a, 100)
-    assert again == [chain.Segment(0, 5, a), chain.Segment(5, 30, None),
-                     chain.Segment(35, 55, a), chain.Segment(90, 10, b)]
+    assert again == [
+        chain.Segment(0, 5, a),
+        chain.Segment(5, 30, None),
+        chain.Segment(35, 55, a),
+        chain.Segment(90, 10, b),
+    ]

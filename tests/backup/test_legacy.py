@@ -31,12 +31,20 @@ ZERO = [(0, 128 * 1024)]  # and its zero range (over data of the full backup)
 
 
 def _record(i: int, parent: str | None, file: str, image: Path) -> dict[str, object]:
-    return {"id": f"b{i:04d}", "parent": parent,
-            "kind": "full" if parent is None else "incremental", "origin": "disk",
-            "snapshot": f"disk@v{i}", "created": "2026-01-01T00:00:00+00:00", "file": file,
-            "size": SIZE, "block_size": 65536, "bytes_written": 0,
-            "sha256": hashlib.sha256(image.read_bytes()).hexdigest(),
-            "snapshot_kept": True}
+    return {
+        "id": f"b{i:04d}",
+        "parent": parent,
+        "kind": "full" if parent is None else "incremental",
+        "origin": "disk",
+        "snapshot": f"disk@v{i}",
+        "created": "2026-01-01T00:00:00+00:00",
+        "file": file,
+        "size": SIZE,
+        "block_size": 65536,
+        "bytes_written": 0,
+        "sha256": hashlib.sha256(image.read_bytes()).hexdigest(),
+        "snapshot_kept": True,
+    }
 
 
 @pytest.fixture
@@ -48,8 +56,12 @@ def v1_dir(tmp_path: Path) -> tuple[Path, Path, Path]:
     qemu_io(str(a), "write -P 0x31 0 3M", "write -P 0x32 9M 1M")
     b = tmp_path / "b.img"
     shutil.copyfile(a, b)
-    qemu_io(str(b), "write -z 0 128k", f"write -P 0x41 {DATA[0][0]} 64k",
-            f"write -P 0x42 {DATA[1][0]} 1M")
+    qemu_io(
+        str(b),
+        "write -z 0 128k",
+        f"write -P 0x41 {DATA[0][0]} 64k",
+        f"write -P 0x42 {DATA[1][0]} 1M",
+    )
     bk = tmp_path / "v1"
     bk.mkdir()
     subprocess.run(["cp", "--sparse=always", a, bk / "b0001.raw"], check=True)
@@ -59,26 +71,31 @@ def v1_dir(tmp_path: Path) -> tuple[Path, Path, Path]:
         os.ftruncate(fd, SIZE)
         content = b.read_bytes()
         for off, n in DATA:
-            os.pwrite(fd, content[off:off + n], off)
+            os.pwrite(fd, content[off : off + n], off)
         incfile.write_table(fd, incfile.IncTable(SIZE, 65536, DATA, ZERO))
     finally:
         os.close(fd)
-    man = {"format": "snapimg-backup", "version": 1, "backups": [
-        _record(1, None, "b0001.raw", a), _record(2, "b0001", "b0002.inc", b)]}
+    man = {
+        "format": "snapimg-backup",
+        "version": 1,
+        "backups": [_record(1, None, "b0001.raw", a), _record(2, "b0001", "b0002.inc", b)],
+    }
     (bk / "manifest.json").write_text(json.dumps(man))
     return bk, a, b
 
 
-def test_version1_directory_is_read_in_place(v1_dir: tuple[Path, Path, Path],
-                                             tmp_path: Path) -> None:
+def test_version1_directory_is_read_in_place(
+    v1_dir: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
     bk, a, b = v1_dir
     for rec_id, image in (("b0001", a), ("b0002", b)):
         out = tmp_path / f"{rec_id}.out"
         res = snapimg_json("restore", bk, "--backup", rec_id, "--to", out)
         assert out.read_bytes() == image.read_bytes()
         assert res["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
-        assert snapimg("checksum", "--pieces", bk, "--backup", rec_id).stdout.split()[0] == \
-            pieces_digest_file(image)
+        assert snapimg("checksum", "--pieces", bk, "--backup", rec_id).stdout.split()[
+            0
+        ] == pieces_digest_file(image)
     report = json.loads(snapimg("inspect", bk, "--json").stdout)
     assert report["virtual_size"] == SIZE and report["backup"] == "b0002"
     assert snapimg("verify", bk).returncode == 0
@@ -92,7 +109,8 @@ def test_version1_directory_is_read_in_place(v1_dir: tuple[Path, Path, Path],
 
 
 def test_backup_converts_a_version1_directory_first(
-        v1_dir: tuple[Path, Path, Path], tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    v1_dir: tuple[Path, Path, Path], tmp_path: Path, serve: Callable[..., Serve]
+) -> None:
     bk, a, b = v1_dir
     disk = tmp_path / "disk.img"
     shutil.copyfile(b, disk)
@@ -106,7 +124,8 @@ def test_backup_converts_a_version1_directory_first(
     assert [r["file"] for r in recs] == ["b0001.qcow2", "b0002.qcow2", "b0003.qcow2"]
     assert [r["parent"] for r in recs] == [None, "b0001", None]
     assert sorted(p.name for p in bk.iterdir()) == sorted(
-        ["manifest.json"] + [f"b000{i}.{e}" for i in (1, 2, 3) for e in ("qcow2", "pieces")])
+        ["manifest.json"] + [f"b000{i}.{e}" for i in (1, 2, 3) for e in ("qcow2", "pieces")]
+    )
     for rec, image in zip(recs, (a, b, disk), strict=True):
         assert rec["digest"] == pieces_digest_file(image)
         out = tmp_path / f"{rec['id']}.out"
@@ -120,15 +139,13 @@ def test_backup_converts_a_version1_directory_first(
 def test_prune_converts_then_merges(v1_dir: tuple[Path, Path, Path], tmp_path: Path) -> None:
     bk, _, b = v1_dir
     assert snapimg_json("prune", bk, "--keep-last", "1")["remaining"] == ["b0002"]
-    assert sorted(p.name for p in bk.iterdir()) == ["b0002.pieces", "b0002.qcow2",
-                                                     "manifest.json"]
+    assert sorted(p.name for p in bk.iterdir()) == ["b0002.pieces", "b0002.qcow2", "manifest.json"]
     out = tmp_path / "out.img"
     snapimg("restore", bk, "--to", out)
     assert out.read_bytes() == b.read_bytes()
 
 
-def test_a_damaged_version1_directory_is_not_converted(
-        v1_dir: tuple[Path, Path, Path]) -> None:
+def test_a_damaged_version1_directory_is_not_converted(v1_dir: tuple[Path, Path, Path]) -> None:
     bk, _, _ = v1_dir
     before = {p.name: p.read_bytes() for p in bk.iterdir()}
     with (bk / "b0001.raw").open("r+b") as f:

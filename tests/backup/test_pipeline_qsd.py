@@ -36,7 +36,8 @@ def _image(path: Path) -> bytes:
 
 
 def test_full_copy_to_a_file_is_exact_sparse_and_hashed_by_the_rule(
-        tmp_path: Path, qsd_export: Callable[[Path], str]) -> None:
+    tmp_path: Path, qsd_export: Callable[[Path], str]
+) -> None:
     image = tmp_path / "src.img"
     content = _image(image)
     out = tmp_path / "out.raw"
@@ -46,8 +47,14 @@ def test_full_copy_to_a_file_is_exact_sparse_and_hashed_by_the_rule(
         with NbdReader(qsd_export(image), connections=3) as reader:
             assert reader.size == SIZE
             # few buffers and workers: pieces complete out of order and wait for buffers
-            res = run_pipeline(reader, plan_jobs(reader, [(0, SIZE)]), FileSink(fd),
-                               whole_sha256=True, workers=3, max_pieces=2)
+            res = run_pipeline(
+                reader,
+                plan_jobs(reader, [(0, SIZE)]),
+                FileSink(fd),
+                whole_sha256=True,
+                workers=3,
+                max_pieces=2,
+            )
     finally:
         os.close(fd)
     assert out.read_bytes() == content
@@ -60,22 +67,46 @@ def test_full_copy_to_a_file_is_exact_sparse_and_hashed_by_the_rule(
 
 
 def test_overlay_takes_exactly_the_written_ranges(
-        tmp_path: Path, qsd_export: Callable[[Path], str]) -> None:
+    tmp_path: Path, qsd_export: Callable[[Path], str]
+) -> None:
     """Writes into a qcow2 overlay through QEMU: data ranges and zero ranges override the
     backing file, everything else still reads from it."""
     new = tmp_path / "new.img"
     content = bytearray(_image(new))
     base = tmp_path / "base.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", base, str(SIZE)], check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x77 0 {SIZE}", base],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x77 0 {SIZE}", base],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     top = tmp_path / "top.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F",
-                    "qcow2", top, str(SIZE)], check=True)
-    writes = [(PIECE - MiB, 65536), (2 * PIECE, 65536), (4 * PIECE + 4096, 8192),
-              (SIZE - 8192, 8192)]  # data, a hole, allocated zeroes, half data half zero
-    with NbdReader(qsd_export(new)) as reader, \
-            QemuExport(top, "qcow2", writable=True, no_flush=True) as exp:
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            top,
+            str(SIZE),
+        ],
+        check=True,
+    )
+    writes = [
+        (PIECE - MiB, 65536),
+        (2 * PIECE, 65536),
+        (4 * PIECE + 4096, 8192),
+        (SIZE - 8192, 8192),
+    ]  # data, a hole, allocated zeroes, half data half zero
+    with (
+        NbdReader(qsd_export(new)) as reader,
+        QemuExport(top, "qcow2", writable=True, no_flush=True) as exp,
+    ):
         sink = NbdSink(exp.uri, "write")
         regions = piece_regions(writes, SIZE)
         res = run_pipeline(reader, plan_jobs(reader, regions, writes), sink)
@@ -84,13 +115,13 @@ def test_overlay_takes_exactly_the_written_ranges(
         exp.close()
     expected = bytearray(b"\x77" * SIZE)
     for off, n in writes:
-        expected[off:off + n] = content[off:off + n]
+        expected[off : off + n] = content[off : off + n]
     got = tmp_path / "got.raw"
     subprocess.run(["qemu-img", "convert", "-f", "qcow2", top, "-O", "raw", got], check=True)
     assert got.read_bytes() == bytes(expected)
     # the visited pieces were hashed whole, from the new image
     for index, digest in res.digests.items():
-        piece = content[index * PIECE:(index + 1) * PIECE]
+        piece = content[index * PIECE : (index + 1) * PIECE]
         assert digest == hashlib.sha256(piece).digest()
     assert sorted(res.digests) == [0, 4, 5]  # piece 2 is a hole: not read, not hashed
     assert res.zero_spans == [(2, 1)]

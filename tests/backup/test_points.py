@@ -19,18 +19,29 @@ def _hmp(drive: Path, *commands: str) -> str:
     """Run HMP commands in a qemu-system-x86_64 that opened ``drive`` with snapshot=on."""
     script = "".join(f"{c}\n" for c in commands) + "quit\n"
     proc = subprocess.run(
-        ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-         "-drive", f"file={drive},format=qcow2,if=none,id=d0,snapshot=on",
-         "-monitor", "stdio"],
-        input=script, capture_output=True, text=True, timeout=120)
+        [
+            "qemu-system-x86_64",
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-drive",
+            f"file={drive},format=qcow2,if=none,id=d0,snapshot=on",
+            "-monitor",
+            "stdio",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
-def test_qemu_opens_a_point_with_snapshot_on(tmp_path: Path,
-                                             serve: Callable[..., Serve]) -> None:
-    disk = make_origin(tmp_path / "disk.img", SIZE, "write -P 0x61 0 2M",
-                       "write -P 0x62 20M 1M")
+def test_qemu_opens_a_point_with_snapshot_on(tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    disk = make_origin(tmp_path / "disk.img", SIZE, "write -P 0x61 0 2M", "write -P 0x62 20M 1M")
     srv = serve([f"disk={disk}"])
     bk = tmp_path / "bk"
     snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--keep", "disk@a")
@@ -39,13 +50,15 @@ def test_qemu_opens_a_point_with_snapshot_on(tmp_path: Path,
     point = bk / "b0002.qcow2"
     before = {p.name: sha256_file(p) for p in bk.iterdir()}
 
-    out = _hmp(point,
-               'qemu-io d0 "read -P 0x61 0 1M"',
-               'qemu-io d0 "read -P 0x63 1M 64k"',  # from the incremental itself
-               'qemu-io d0 "read -P 0 20M 64k"',  # zeroed there, not the parent's 0x62
-               'qemu-io d0 "read -P 0x62 20544k 64k"',  # the parent's (backing file)
-               'qemu-io d0 "write -P 0x7f 0 64k"',  # snapshot=on: goes to a temporary
-               'qemu-io d0 "read -P 0x7f 0 64k"')
+    out = _hmp(
+        point,
+        'qemu-io d0 "read -P 0x61 0 1M"',
+        'qemu-io d0 "read -P 0x63 1M 64k"',  # from the incremental itself
+        'qemu-io d0 "read -P 0 20M 64k"',  # zeroed there, not the parent's 0x62
+        'qemu-io d0 "read -P 0x62 20544k 64k"',  # the parent's (backing file)
+        'qemu-io d0 "write -P 0x7f 0 64k"',  # snapshot=on: goes to a temporary
+        'qemu-io d0 "read -P 0x7f 0 64k"',
+    )
     assert "Pattern verification failed" not in out
     assert out.count("read 65536/65536 bytes") == 4 and "read 1048576/1048576 bytes" in out
     assert {p.name: sha256_file(p) for p in bk.iterdir()} == before
@@ -54,8 +67,7 @@ def test_qemu_opens_a_point_with_snapshot_on(tmp_path: Path,
     assert "Pattern verification failed" in _hmp(point, 'qemu-io d0 "read -P 0x62 20M 4k"')
 
 
-def test_ls_cat_inspect_read_backup_points(tmp_path: Path,
-                                           serve: Callable[..., Serve]) -> None:
+def test_ls_cat_inspect_read_backup_points(tmp_path: Path, serve: Callable[..., Serve]) -> None:
     first = tmp_path / "first.img"
     make_ext4(first, SIZE, {"etc/motd": b"first version\n", "data/a.bin": bytes(range(256))})
     second = tmp_path / "second.img"

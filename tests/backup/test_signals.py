@@ -41,8 +41,12 @@ def _backed_up(tmp_path: Path, serve: Callable[..., Serve], keep: str) -> tuple[
 
 
 def _start(*args: str | Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([*SNAPIMG, *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [*SNAPIMG, *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _children(pid: int) -> list[int]:
@@ -76,17 +80,31 @@ def _signalled(proc: subprocess.Popen[bytes], sig: signal.Signals) -> str:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_a_backup_and_drops_even_a_kept_snapshot(
-        sig: signal.Signals, tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    sig: signal.Signals, tmp_path: Path, serve: Callable[..., Serve]
+) -> None:
     srv, bk = _backed_up(tmp_path, serve, "first")
     before = (bk / "manifest.json").read_bytes()
 
-    args = ("backup", "--control", srv.control, "disk", "--to", bk, "--since", "first",
-            "--keep", "disk@second")
+    args = (
+        "backup",
+        "--control",
+        srv.control,
+        "disk",
+        "--to",
+        bk,
+        "--since",
+        "first",
+        "--keep",
+        "disk@second",
+    )
     proc = _start(*args)
     try:
         tmp = bk / ".b0002.qcow2.tmp"
-        wait_for(lambda: tmp.exists() and tmp.stat().st_blocks * 512 > 8 * MiB, proc,
-                 "a half-written backup file")
+        wait_for(
+            lambda: tmp.exists() and tmp.stat().st_blocks * 512 > 8 * MiB,
+            proc,
+            "a half-written backup file",
+        )
         err = _signalled(proc, sig)
     finally:
         stop(proc)
@@ -94,8 +112,7 @@ def test_signal_stops_a_backup_and_drops_even_a_kept_snapshot(
     assert err == f"snapimg backup: {LINE[sig]}\n"
     # nothing of the interrupted backup is left: files, lock, pending note, helper processes
     assert (bk / "manifest.json").read_bytes() == before
-    assert sorted(p.name for p in bk.iterdir()) == ["b0001.pieces", "b0001.qcow2",
-                                                     "manifest.json"]
+    assert sorted(p.name for p in bk.iterdir()) == ["b0001.pieces", "b0001.qcow2", "manifest.json"]
     assert _open_by_anyone(bk) == []
     # --keep named the snapshot, but the backup did not complete: it was dropped
     names = {s["name"] for s in snapimg_json("snapshot", "list", "--control", srv.control)}
@@ -106,15 +123,19 @@ def test_signal_stops_a_backup_and_drops_even_a_kept_snapshot(
 
 
 def test_sigkill_during_backup_is_cleaned_up_by_the_next_one(
-        tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    tmp_path: Path, serve: Callable[..., Serve]
+) -> None:
     srv, bk = _backed_up(tmp_path, serve, "first")
     snapimg("snapshot", "drop", "--control", srv.control, "disk@first")
     before = (bk / "manifest.json").read_bytes()
     proc = _start("backup", "--control", srv.control, "disk", "--to", bk, "--keep", "disk@k")
     try:
         tmp = bk / ".b0002.qcow2.tmp"
-        wait_for(lambda: tmp.exists() and tmp.stat().st_blocks * 512 > 8 * MiB, proc,
-                 "a half-written backup file")
+        wait_for(
+            lambda: tmp.exists() and tmp.stat().st_blocks * 512 > 8 * MiB,
+            proc,
+            "a half-written backup file",
+        )
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(60)
     finally:
@@ -138,23 +159,25 @@ def test_sigkill_during_backup_is_cleaned_up_by_the_next_one(
     proc = _start("backup", "--control", srv.control, "disk", "--to", new)
     try:
         tmp = new / ".b0001.qcow2.tmp"
-        wait_for(lambda: tmp.exists() and tmp.stat().st_blocks * 512 > 8 * MiB, proc,
-                 "a half-written backup file")
+        wait_for(
+            lambda: tmp.exists() and tmp.stat().st_blocks * 512 > 8 * MiB,
+            proc,
+            "a half-written backup file",
+        )
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(60)
     finally:
         stop(proc)
     assert not (new / "manifest.json").exists()
-    assert snapimg_json("backup", "--control", srv.control, "disk", "--to", new)["id"] == \
-        "b0001"
-    assert sorted(p.name for p in new.iterdir()) == ["b0001.pieces", "b0001.qcow2",
-                                                      "manifest.json"]
+    assert snapimg_json("backup", "--control", srv.control, "disk", "--to", new)["id"] == "b0001"
+    assert sorted(p.name for p in new.iterdir()) == ["b0001.pieces", "b0001.qcow2", "manifest.json"]
     assert snapimg_json("snapshot", "list", "--control", srv.control) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_restore_verify_and_prune(
-        sig: signal.Signals, tmp_path: Path, serve: Callable[..., Serve]) -> None:
+    sig: signal.Signals, tmp_path: Path, serve: Callable[..., Serve]
+) -> None:
     srv, bk = _backed_up(tmp_path, serve, "a")
     snapimg("backup", "--control", srv.control, "disk", "--to", bk, "--since", "a")
     disk = tmp_path / "disk.img"

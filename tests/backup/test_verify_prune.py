@@ -37,8 +37,7 @@ SIZE = 48 * MiB
 @pytest.fixture
 def chain(tmp_path: Path, serve: Callable[..., Serve]) -> tuple[Path, dict[str, bytes]]:
     """A directory of five points (a full one, four incrementals) and each one's image."""
-    disk = make_origin(tmp_path / "disk.img", SIZE, "write -P 0x10 0 12M",
-                       "write -P 0x11 30M 2M")
+    disk = make_origin(tmp_path / "disk.img", SIZE, "write -P 0x10 0 12M", "write -P 0x11 30M 2M")
     srv = serve([f"disk={disk}"])
     bk = tmp_path / "bk"
     rng = random.Random(5)
@@ -46,8 +45,11 @@ def chain(tmp_path: Path, serve: Callable[..., Serve]) -> tuple[Path, dict[str, 
     prev = None
     for i in range(1, 6):
         if prev is not None:
-            cmds = [f"write -P {0x20 + i} {rng.randrange(0, SIZE - MiB) // 4096 * 4096} "
-                    f"{rng.choice([4096, 65536, 3 * MiB])}" for _ in range(6)]
+            cmds = [
+                f"write -P {0x20 + i} {rng.randrange(0, SIZE - MiB) // 4096 * 4096} "
+                f"{rng.choice([4096, 65536, 3 * MiB])}"
+                for _ in range(6)
+            ]
             cmds.append(f"write -z {rng.randrange(0, 12) * MiB} 1M")
             qemu_io(srv.uri("disk"), *cmds)
         args = ["--keep", f"disk@s{i}"] + (["--since", prev] if prev else [])
@@ -122,8 +124,7 @@ def test_verify_finds_a_flipped_byte_in_any_file(chain: tuple[Path, dict[str, by
     proc = _verify(bk, "--backup", "b0003")
     assert proc.returncode == 1 and "piece digest file" in proc.stderr
     # a chain rewired behind snapimg's back
-    qemu_img("rebase", "-u", "-f", "qcow2", "-b", "b0001.qcow2", "-F", "qcow2",
-             bk / "b0003.qcow2")
+    qemu_img("rebase", "-u", "-f", "qcow2", "-b", "b0001.qcow2", "-F", "qcow2", bk / "b0003.qcow2")
     proc = _verify(bk, "--backup", "b0003")
     assert proc.returncode == 1
     assert "its backing file is b0001.qcow2, not the file of its parent b0002" in proc.stderr
@@ -133,16 +134,24 @@ def test_verify_finds_a_flipped_byte_in_any_file(chain: tuple[Path, dict[str, by
 
 
 def test_prune_merges_old_points_and_every_kept_one_verifies(
-        chain: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    chain: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
     bk, images = chain
     res = snapimg_json("prune", bk, "--keep-last", "2")
     assert res["removed"] == ["b0001", "b0002", "b0003"]
     assert res["remaining"] == ["b0004", "b0005"]
     man = manifest(bk)
-    assert [(r["id"], r["parent"], r["kind"]) for r in man["backups"]] == \
-        [("b0004", None, "full"), ("b0005", "b0004", "incremental")]
-    assert sorted(p.name for p in bk.iterdir()) == \
-        ["b0004.pieces", "b0004.qcow2", "b0005.pieces", "b0005.qcow2", "manifest.json"]
+    assert [(r["id"], r["parent"], r["kind"]) for r in man["backups"]] == [
+        ("b0004", None, "full"),
+        ("b0005", "b0004", "incremental"),
+    ]
+    assert sorted(p.name for p in bk.iterdir()) == [
+        "b0004.pieces",
+        "b0004.qcow2",
+        "b0005.pieces",
+        "b0005.qcow2",
+        "manifest.json",
+    ]
     info = json.loads(qemu_img("info", "--output=json", bk / "b0004.qcow2"))
     assert "backing-filename" not in info
     for path in bk.iterdir():
@@ -157,8 +166,9 @@ def test_prune_merges_old_points_and_every_kept_one_verifies(
     assert proc.returncode == 1 and "keep at least one" in proc.stderr
 
 
-def _until_phases(delays: list[float], states: set[tuple[str, ...]], rng: random.Random,
-                  span: float) -> Iterator[float]:
+def _until_phases(
+    delays: list[float], states: set[tuple[str, ...]], rng: random.Random, span: float
+) -> Iterator[float]:
     """``delays``, then more while the kills landed in fewer than three phases of the
     prune (on a loaded machine they may bunch up), 40 kills at most."""
     yield from delays
@@ -169,7 +179,8 @@ def _until_phases(delays: list[float], states: set[tuple[str, ...]], rng: random
 
 
 def test_sigkill_at_any_moment_of_a_prune_leaves_every_listed_point_restorable(
-        chain: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    chain: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
     pristine, images = chain
     # how long an undisturbed prune takes, to spread the kills over it (not asserted)
     work = tmp_path / "work"
@@ -183,9 +194,12 @@ def test_sigkill_at_any_moment_of_a_prune_leaves_every_listed_point_restorable(
     for delay in _until_phases(delays, states, rng, span):
         shutil.rmtree(work)
         shutil.copytree(pristine, work)
-        proc = subprocess.Popen([*SNAPIMG, "prune", str(work), "--keep-last", "1"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [*SNAPIMG, "prune", str(work), "--keep-last", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             time.sleep(delay)
             os.killpg(proc.pid, signal.SIGKILL)  # snapimg and the qemu-img it runs
@@ -201,13 +215,17 @@ def test_sigkill_at_any_moment_of_a_prune_leaves_every_listed_point_restorable(
         assert _verify(work).returncode == 0
         snapimg("prune", work, "--keep-last", "1")  # finishes what was left
         assert [r["id"] for r in manifest(work)["backups"]] == ["b0005"]
-        assert sorted(p.name for p in work.iterdir()) == \
-            ["b0005.pieces", "b0005.qcow2", "manifest.json"]
+        assert sorted(p.name for p in work.iterdir()) == [
+            "b0005.pieces",
+            "b0005.qcow2",
+            "manifest.json",
+        ]
     assert len(states) >= 3  # the kills landed in different phases of the prune
 
 
 def test_prune_does_not_write_under_a_reader_and_finishes_later(
-        chain: tuple[Path, dict[str, bytes]], tmp_path: Path) -> None:
+    chain: tuple[Path, dict[str, bytes]], tmp_path: Path
+) -> None:
     """QEMU's image locks: while a point's chain is open for reading (as restore and
     verify hold it), the commit that would write below it fails; nothing listed changes."""
     bk, images = chain

@@ -14,7 +14,7 @@ from reliability.crash.images import Image
 from reliability.crash.states import power_states
 from reliability.crash.timeline import Data, build, sweep
 
-CALLS = textwrap.dedent('''
+CALLS = textwrap.dedent("""
     import ctypes, ctypes.util, os, sys
     root, mark = sys.argv[1], sys.argv[2]
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # as snapimg does
@@ -45,9 +45,9 @@ CALLS = textwrap.dedent('''
     os.unlink(f"{root}/c")
     os.fsync(fd)
     os.write(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_APPEND), b"done")
-''')
+""")
 
-CLONES = textwrap.dedent('''
+CLONES = textwrap.dedent("""
     import fcntl, os, struct, sys
     root, mark = sys.argv[1], sys.argv[2]
     src = os.open(f"{root}/src", os.O_RDWR | os.O_CREAT, 0o600)
@@ -59,7 +59,7 @@ CLONES = textwrap.dedent('''
     fcntl.ioctl(part, 0x4020940D, struct.pack("qQQQ", src, 4096, 8192, 16384))  # FICLONERANGE
     os.pwrite(src, b"changed after the clones", 5000)
     os.write(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_APPEND), b"done")
-''')
+""")
 
 
 def run_recorded(
@@ -106,14 +106,14 @@ def test_records_clones_with_their_source_bytes(recorder: Path, xfs_dir: Path) -
 
 
 def test_mutant_drops_only_the_named_files_syncs(tmp_path: Path, recorder: Path) -> None:
-    program = textwrap.dedent('''
+    program = textwrap.dedent("""
         import os, sys
         for name in ("store.data", "store.meta"):
             fd = os.open(f"{sys.argv[1]}/{name}", os.O_RDWR | os.O_CREAT, 0o600)
             os.write(fd, name.encode())
             os.fdatasync(fd)
             os.fsync(fd)
-    ''')
+    """)
     ops = run_recorded(recorder, tmp_path, program, drop_sync="store.data")
     created = {op.ino: op.name for op in ops if isinstance(op, rec.Create)}
     assert [created[op.ino] for op in ops if isinstance(op, rec.Sync)] == ["store.meta"] * 2

@@ -240,9 +240,7 @@ class Differential:
     def release(self) -> None:
         name = self.rnd.choice(list(self.snaps))
         b0, n = self.rnd.randrange(SIZE // BS), self.rnd.randrange(1, 4)
-        got = self.control(
-            "release", origin="disk", snap=name[5:], offset=b0 * BS, length=n * BS
-        )
+        got = self.control("release", origin="disk", snap=name[5:], offset=b0 * BS, length=n * BS)
         if got[0] == "ok":
             self.snaps[name].released.update(range(b0, b0 + n))
 
@@ -324,8 +322,13 @@ def test_same_streams_same_results(tmp_path: Path, seed: int) -> None:
 
 
 def write_until(
-    side: Side, i: int, region: int, acked: bytearray, lock: threading.Lock,
-    stop: threading.Event, errors: list[BaseException],
+    side: Side,
+    i: int,
+    region: int,
+    acked: bytearray,
+    lock: threading.Lock,
+    stop: threading.Event,
+    errors: list[BaseException],
 ) -> None:
     """Connection ``i`` writes at random into its region; ``acked`` is that region as
     acknowledged (updated under ``lock`` together with the write)."""

@@ -20,8 +20,15 @@ ROUNDS = 60
 CHILD = Path(__file__).with_name("kill_child.py")
 
 
-def run_child(store: Path, origin: Path, durability: str, seed: int, rnd_no: int,
-              life: float, after_open: bool) -> list[str]:
+def run_child(
+    store: Path,
+    origin: Path,
+    durability: str,
+    seed: int,
+    rnd_no: int,
+    life: float,
+    after_open: bool,
+) -> list[str]:
     """Start the child, SIGKILL it ``life`` seconds after its start (``after_open``:
     after it opened the engine), return its lines."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -55,8 +62,9 @@ def test_kill_at_random_moments(tmp_path: Path) -> None:
         durability = "strict" if rnd_no % 3 == 0 else "default"
         after_open = rnd_no % 5 != 0  # every fifth kill may hit start-up and open
         life = rnd.uniform(0.0, 0.3) if after_open else rnd.uniform(0.1, 0.8)
-        lines = run_child(store, origin, durability, rnd.randrange(1 << 30), rnd_no, life,
-                          after_open)
+        lines = run_child(
+            store, origin, durability, rnd.randrange(1 << 30), rnd_no, life, after_open
+        )
         pending: list[str] | None = None  # the operation in flight when killed
         for line in lines:
             if line.startswith("B "):

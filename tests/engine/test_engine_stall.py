@@ -161,9 +161,7 @@ def test_frozen_store_bounds_the_write(tmp_path: Path, loop_xfs: Path) -> None:
         eng.close()
 
 
-def test_full_origin_file_system_is_enospc(
-    tmp_path: Path, tmpfs: Callable[[str], Path]
-) -> None:
+def test_full_origin_file_system_is_enospc(tmp_path: Path, tmpfs: Callable[[str], Path]) -> None:
     """The origin's own file system fills up: the write fails with ENOSPC (an NBD client
     sees ENOSPC), and the snapshot keeps exactly what it held."""
     path = tmpfs("1M") / "sparse.img"

@@ -110,9 +110,7 @@ def test_store_error_invalidates(
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
-def test_store_error_block_writes(
-    tmp_path: Path, image: tuple[Path, bytes], code: int
-) -> None:
+def test_store_error_block_writes(tmp_path: Path, image: tuple[Path, bytes], code: int) -> None:
     path, orig = image
     faults = Faults()
     with Engine.open(tmp_path / "store", {"disk": path}, fault=faults) as eng:
@@ -191,8 +189,9 @@ def made_store(tmp_path: Path, image: tuple[Path, bytes]) -> tuple[Path, Path, b
     return store, path, orig
 
 
-def _refused(store: Path, origins: dict[str, Path], exc: type[Exception], match: str,
-             **kw: object) -> None:
+def _refused(
+    store: Path, origins: dict[str, Path], exc: type[Exception], match: str, **kw: object
+) -> None:
     before = store_bytes(store)
     with pytest.raises(exc, match=match):
         Engine.open(store, origins, **kw)  # type: ignore[arg-type]

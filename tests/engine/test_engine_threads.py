@@ -88,7 +88,7 @@ def test_snapshot_block_status_while_origin_punched(tmp_path: Path) -> None:
             snap = eng.snapshot_device("d", "s")
             done = threading.Event()
 
-            def punch() -> None:
+            def punch(done: threading.Event = done) -> None:
                 try:
                     for b in range(blocks):
                         origin.trim(((b * 37) % blocks) * BS, BS)  # a scattered order

@@ -30,8 +30,16 @@ def run(*cmd: str | Path, input: str | None = None) -> str:
 
 def place(disk: Path, part_image: Path, offset: int) -> None:
     """Copy a filesystem image into the disk image at ``offset``, keeping holes."""
-    run("dd", f"if={part_image}", f"of={disk}", "bs=64K", f"seek={offset}", "oflag=seek_bytes",
-        "conv=notrunc,sparse", "status=none")
+    run(
+        "dd",
+        f"if={part_image}",
+        f"of={disk}",
+        "bs=64K",
+        f"seek={offset}",
+        "oflag=seek_bytes",
+        "conv=notrunc,sparse",
+        "status=none",
+    )
 
 
 def make_fat16(path: Path, size: int, files: dict[str, bytes], label: str = "FATVOL") -> None:
@@ -113,12 +121,17 @@ def gpt_disk(tmp_path_factory: pytest.TempPathFactory) -> GptDisk:
     disk.ntfs_files = {"notes.txt": b"hello from NTFS\r\n", "data.bin": rnd.randbytes(200_000)}
     with open(disk.path, "wb") as f:
         f.truncate(64 * MiB)
-    run("sfdisk", "-q", disk.path, input=(
-        "label: gpt\n"
-        'size=16MiB, type=uefi, name="esp"\n'
-        'size=20MiB, type=linux, name="root fs"\n'
-        'size=20MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name="win"\n'
-    ))
+    run(
+        "sfdisk",
+        "-q",
+        disk.path,
+        input=(
+            "label: gpt\n"
+            'size=16MiB, type=uefi, name="esp"\n'
+            'size=20MiB, type=linux, name="root fs"\n'
+            'size=20MiB, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name="win"\n'
+        ),
+    )
     table = json.loads(run("sfdisk", "-J", disk.path))["partitiontable"]["partitions"]
     starts = [p["start"] * 512 for p in table]
     make_fat16(d / "p1.img", 16 * MiB, disk.fat_files)
@@ -137,15 +150,27 @@ class NbdExport:
 
 
 def _start_qsd(image: Path, sock: Path, fmt: str = "raw") -> subprocess.Popen[bytes]:
-    blockdev = json.dumps({
-        "driver": fmt, "node-name": "img", "read-only": True,
-        "file": {"driver": "file", "filename": str(image), "read-only": True, "locking": "off"},
-    })
+    blockdev = json.dumps(
+        {
+            "driver": fmt,
+            "node-name": "img",
+            "read-only": True,
+            "file": {"driver": "file", "filename": str(image), "read-only": True, "locking": "off"},
+        }
+    )
     proc = subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev", blockdev,
-         "--nbd-server", f"addr.type=unix,addr.path={sock}",
-         "--export", "type=nbd,id=exp,node-name=img,name=disk,writable=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            blockdev,
+            "--nbd-server",
+            f"addr.type=unix,addr.path={sock}",
+            "--export",
+            "type=nbd,id=exp,node-name=img,name=disk,writable=off",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         start_new_session=True,
     )
     deadline = time.monotonic() + 15

@@ -58,8 +58,9 @@ def test_damaged_gpt_entries_and_missing_backup(
     assert "warning: disk: backup GPT header missing or damaged" in msgs
     assert "error: disk: GPT entry array: CRC mismatch" in msgs
     assert "error: partition 3: extends beyond the end of the disk" in msgs
-    assert ("warning: disk: the GPT was made for a disk of 131072 sectors; "
-            "this one has 102400") in msgs
+    assert (
+        "warning: disk: the GPT was made for a disk of 131072 sectors; this one has 102400"
+    ) in msgs
     assert rep["partitions"][1]["name"] == "roXt fs"
     assert rep["partitions"][0]["filesystem"]["type"] == "vfat"
 
@@ -79,7 +80,8 @@ def test_damaged_filesystems(disk: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert msgs[1].startswith("error: partition 2: damaged ext filesystem")
     proc = subprocess.run(
         [sys.executable, "-m", "snapimg.cli.main", "ls", f"{disk}:2", "/"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "partition 2" in proc.stderr and "Traceback" not in proc.stderr
@@ -112,8 +114,10 @@ def test_random_damage_never_crashes(disk: Path, capsys: pytest.CaptureFixture[s
     with open(disk, "r+b") as f:
         for _ in range(40):
             start, length = rnd.choice(regions)
-            pokes = [(start + rnd.randrange(length), rnd.randbytes(rnd.randint(1, 8)))
-                     for _ in range(rnd.randint(1, 6))]
+            pokes = [
+                (start + rnd.randrange(length), rnd.randbytes(rnd.randint(1, 8)))
+                for _ in range(rnd.randint(1, 6))
+            ]
             saved = []
             for off, data in pokes:
                 f.seek(off)

@@ -48,16 +48,19 @@ def test_changed_ranges_are_the_blocks_cmp_finds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rnd = random.Random(3)
-    base = [(0, rnd.randbytes(300_000)), (5 * MiB, rnd.randbytes(2 * MiB)),
-            (20 * MiB, rnd.randbytes(4096))]
+    base = [
+        (0, rnd.randbytes(300_000)),
+        (5 * MiB, rnd.randbytes(2 * MiB)),
+        (20 * MiB, rnd.randbytes(4096)),
+    ]
     a, b = tmp_path / "a.img", tmp_path / "b.img"
     _sparse(a, 32 * MiB, base)
     changes = [
-        (100, b"X"),                       # inside the first data run
-        (BS - 1, b"YZ"),                   # straddles blocks 0 and 1: merges with the first
+        (100, b"X"),  # inside the first data run
+        (BS - 1, b"YZ"),  # straddles blocks 0 and 1: merges with the first
         (5 * MiB + 3 * BS, b"\x01" * BS),  # exactly one block, inside data
         (12 * MiB + 7, b"data in a hole"),  # data where a has a hole
-        (20 * MiB, bytes(4096)),           # b zeroes what a had: a change
+        (20 * MiB, bytes(4096)),  # b zeroes what a had: a change
     ]
     _sparse(b, 32 * MiB, base + changes)
     rc, rep = _diff_json(a, b, capsys)
@@ -101,7 +104,8 @@ def test_diff_error_exits_2(tmp_path: Path) -> None:
     _sparse(img, MiB, [])
     proc = subprocess.run(
         [sys.executable, "-m", "snapimg.cli.main", "diff", str(img), str(tmp_path / "missing")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "missing" in proc.stderr
@@ -133,8 +137,11 @@ def test_checksum_pieces_is_one_digest_for_raw_qcow2_and_nbd(
     rnd = random.Random(6)
     img = tmp_path / "a.img"
     # data across piece boundaries, a whole-piece hole, allocated zeroes, a short last piece
-    _sparse(img, 26 * MiB + 512, [(4 * MiB - 7, rnd.randbytes(MiB)), (13 * MiB, bytes(MiB)),
-                                  (26 * MiB, rnd.randbytes(512))])
+    _sparse(
+        img,
+        26 * MiB + 512,
+        [(4 * MiB - 7, rnd.randbytes(MiB)), (13 * MiB, bytes(MiB)), (26 * MiB, rnd.randbytes(512))],
+    )
     want = _pieces_rule(img)
     qcow2 = tmp_path / "a.qcow2"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", img, qcow2)
@@ -143,12 +150,19 @@ def test_checksum_pieces_is_one_digest_for_raw_qcow2_and_nbd(
         assert capsys.readouterr().out == f"{want}  {target}\n"
     assert main(["checksum", "--pieces", "--json", str(qcow2)]) == 0
     assert json.loads(capsys.readouterr().out) == {
-        "target": str(qcow2), "size": 26 * MiB + 512, "algo": "sha256-pieces", "digest": want,
-        "digest_rule": {"name": "sha256-pieces", "piece_size": 4 * MiB}}
+        "target": str(qcow2),
+        "size": 26 * MiB + 512,
+        "algo": "sha256-pieces",
+        "digest": want,
+        "digest_rule": {"name": "sha256-pieces", "piece_size": 4 * MiB},
+    }
     assert main(["checksum", "--json", "--algo", "md5", str(img)]) == 0
     assert json.loads(capsys.readouterr().out) == {
-        "target": str(img), "size": 26 * MiB + 512, "algo": "md5",
-        "digest": run("md5sum", img).split()[0]}
+        "target": str(img),
+        "size": 26 * MiB + 512,
+        "algo": "md5",
+        "digest": run("md5sum", img).split()[0],
+    }
 
 
 def test_checksum_unknown_algo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,9 +176,10 @@ def test_progress_bar_on_a_tty_for_slow_work(tmp_path: Path) -> None:
     """nbdkit's delay filter makes each 4 MiB read take 0.3 s: 4 reads last > 1.2 s."""
     sock = tmp_path / "slow.sock"
     nbdkit = subprocess.Popen(
-        ["nbdkit", "-f", "-U", str(sock), "--filter=delay", "pattern", "size=16M",
-         "rdelay=300ms"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ["nbdkit", "-f", "-U", str(sock), "--filter=delay", "pattern", "size=16M", "rdelay=300ms"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:

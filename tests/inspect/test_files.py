@@ -61,15 +61,16 @@ def test_ls_lists_like_the_native_tools(
 
     assert main(["ls", "--json", f"{gpt_disk.path}:2", "/dir/nested"]) == 0
     ext = json.loads(capsys.readouterr().out)["entries"]
-    assert [(e["name"], e["kind"], e["size"]) for e in ext] == [
-        ("big.bin", "file", 1_300_000)]
+    assert [(e["name"], e["kind"], e["size"]) for e in ext] == [("big.bin", "file", 1_300_000)]
     debugfs = run("debugfs", "-R", "ls -l /dir/nested", gpt_disk.part_images[2])
     assert "1300000" in debugfs and "big.bin" in debugfs
 
     assert main(["ls", "--json", f"{gpt_disk.path}:3"]) == 0
     ntfs = json.loads(capsys.readouterr().out)["entries"]
     assert [(e["name"], e["kind"], e["size"]) for e in ntfs] == [
-        ("data.bin", "file", 200_000), ("notes.txt", "file", 17)]  # no $MFT and friends
+        ("data.bin", "file", 200_000),
+        ("notes.txt", "file", 17),
+    ]  # no $MFT and friends
     ntfsls = run("ntfsls", gpt_disk.part_images[3]).split()
     assert sorted(ntfsls) == ["data.bin", "notes.txt"]
 

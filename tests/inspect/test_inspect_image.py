@@ -60,7 +60,10 @@ def test_gpt_partitions_and_filesystems_match_sfdisk_and_blkid(
         assert mine["uuid"] == theirs["uuid"]
         assert mine["name"] == theirs["name"]
     assert [p["type_name"] for p in rep["partitions"]] == [
-        "EFI System", "Linux filesystem", "Microsoft basic data"]
+        "EFI System",
+        "Linux filesystem",
+        "Microsoft basic data",
+    ]
 
     free = {1: _fat_free, 2: _ext_free, 3: _ntfs_free}
     for p in rep["partitions"]:
@@ -113,13 +116,18 @@ def test_mbr_with_logical_partitions_numbers_like_sfdisk(
     disk = tmp_path / "mbr.img"
     with open(disk, "wb") as f:
         f.truncate(48 * MiB)
-    run("sfdisk", "-q", disk, input=(
-        "label: dos\nlabel-id: 0x1234abcd\n"
-        "size=8MiB, type=6, bootable\n"
-        "type=5\n"
-        "size=10MiB, type=83\n"
-        "size=12MiB, type=c\n"
-    ))
+    run(
+        "sfdisk",
+        "-q",
+        disk,
+        input=(
+            "label: dos\nlabel-id: 0x1234abcd\n"
+            "size=8MiB, type=6, bootable\n"
+            "type=5\n"
+            "size=10MiB, type=83\n"
+            "size=12MiB, type=c\n"
+        ),
+    )
     sf = json.loads(run("sfdisk", "-J", disk))["partitiontable"]
     nodes = {int(p["node"].removeprefix(str(disk))): p for p in sf["partitions"]}
     make_fat16(tmp_path / "fat.img", 8 * MiB, {"BOOT.TXT": b"boot"}, label="DOSBOOT")

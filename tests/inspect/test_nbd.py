@@ -23,8 +23,14 @@ SNAPIMG = [sys.executable, "-m", "snapimg.cli.main"]
 
 
 def _same_disk(a: dict[str, Any], b: dict[str, Any]) -> None:
-    for key in ("virtual_size", "partition_table", "partitions", "filesystem", "allocation",
-                "findings"):
+    for key in (
+        "virtual_size",
+        "partition_table",
+        "partitions",
+        "filesystem",
+        "allocation",
+        "findings",
+    ):
         assert a[key] == b[key], key
 
 
@@ -44,15 +50,16 @@ def test_qsd_export_reads_like_the_file(
     assert capfdbinary.readouterr().out == gpt_disk.ext_files["dir/nested/big.bin"]
 
     assert main(["checksum", exp.uri]) == 0
-    assert capfdbinary.readouterr().out.split()[0].decode() == run(
-        "sha256sum", gpt_disk.path).split()[0]
+    assert (
+        capfdbinary.readouterr().out.split()[0].decode()
+        == run("sha256sum", gpt_disk.path).split()[0]
+    )
 
     assert main(["diff", exp.uri, str(gpt_disk.path)]) == 0
 
 
 @pytest.fixture
-def served(gpt_disk: GptDisk, tmp_path: Path,
-           serve: Callable[..., Serve]) -> tuple[Serve, Path]:
+def served(gpt_disk: GptDisk, tmp_path: Path, serve: Callable[..., Serve]) -> tuple[Serve, Path]:
     image = tmp_path / "vm.img"
     shutil.copyfile(gpt_disk.path, image)
     return serve([f"disk={image}"]), image
@@ -66,16 +73,36 @@ def test_live_snapshot_keeps_its_filesystems_while_the_origin_changes(
     s, _ = served
     before: dict[str, Any] = inspect_json(gpt_disk.path, capfdbinary)
     snap_uri = subprocess.run(
-        [*SNAPIMG, "snapshot", "create", "--control", str(s.control), "disk@s1",
-         "--max-size", "4M"],
-        capture_output=True, text=True, check=True,
+        [
+            *SNAPIMG,
+            "snapshot",
+            "create",
+            "--control",
+            str(s.control),
+            "disk@s1",
+            "--max-size",
+            "4M",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert snap_uri == s.uri("disk@s1")
 
     subprocess.run(
-        [*SNAPIMG, "snapshot", "create", "--control", str(s.control), "disk@tiny",
-         "--max-size", "128K"],
-        capture_output=True, text=True, check=True,
+        [
+            *SNAPIMG,
+            "snapshot",
+            "create",
+            "--control",
+            str(s.control),
+            "disk@tiny",
+            "--max-size",
+            "128K",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
 
     # Wipe the start of partition 1 (its FAT boot sector and FATs) on the live origin:
@@ -108,9 +135,14 @@ def test_live_snapshot_keeps_its_filesystems_while_the_origin_changes(
     assert rep["ranges"] == [{"offset": fat_start, "length": 1 << 20}]
 
     # The store directory, inspected while snapimg serve has it open, then after it stopped.
-    listed = json.loads(subprocess.run(
-        [*SNAPIMG, "snapshot", "list", "--control", str(s.control), "--json"],
-        capture_output=True, text=True, check=True).stdout)
+    listed = json.loads(
+        subprocess.run(
+            [*SNAPIMG, "snapshot", "list", "--control", str(s.control), "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     store: dict[str, Any] = inspect_json(s.store, capfdbinary)
     assert store["kind"] == "store" and store["in_use_by_pid"] == s.proc.pid
     assert store["block_size"] == 65536

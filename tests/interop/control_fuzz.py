@@ -181,9 +181,11 @@ class Fuzzer:
         listed = self.call("list_snapshots", {})["result"]
         names = {s["name"] for s in listed}
         if names != self.snapshots:
-            raise FuzzFailure(f"snapshots {sorted(names)} but the model says "
-                              f"{sorted(self.snapshots)}: a request half-created or "
-                              "half-dropped one")
+            raise FuzzFailure(
+                f"snapshots {sorted(names)} but the model says "
+                f"{sorted(self.snapshots)}: a request half-created or "
+                "half-dropped one"
+            )
         if self.store is not None:
             targets = {p.name.removesuffix(".qsd.qcow2") for p in self.store.glob("*.qsd.qcow2")}
             if targets != names:

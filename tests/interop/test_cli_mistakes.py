@@ -43,9 +43,7 @@ def silent_socket(tmp_path: Path) -> Iterator[socket.socket]:
         yield sock
 
 
-def test_control_socket_that_is_not_snapimg(
-    tmp_path: Path, serve: Callable[..., Serve]
-) -> None:
+def test_control_socket_that_is_not_snapimg(tmp_path: Path, serve: Callable[..., Serve]) -> None:
     img = tmp_path / "d.img"
     img.write_bytes(b"\0" * MiB)
     s = serve([f"d={img}"])
@@ -61,14 +59,18 @@ def test_control_socket_that_is_not_snapimg(
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(str(chatty))
         server.listen(1)
-        proc = subprocess.Popen([*SNAPIMG, "snapshot", "list", "--control", str(chatty)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [*SNAPIMG, "snapshot", "list", "--control", str(chatty)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         conn, _ = server.accept()
         conn.sendall(b'{"QMP": {"version": {}}}\n')
         out, err = proc.communicate(timeout=60)
         conn.close()
     assert proc.returncode == 1 and err.count("\n") == 1, err
-    assert "is not a snapimg control socket (it answered '{\"QMP\": {\"versio')" in err
+    assert 'is not a snapimg control socket (it answered \'{"QMP": {"versio\')' in err
     qemu_io(s.uri("d"), "read 0 4k")  # the NBD server was not disturbed
     assert s.stop() == 143
 
@@ -80,14 +82,36 @@ def test_serve_refusals_leave_nothing_behind(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     before = listing(tmp_path)
 
-    def serve(*extra: str | Path, store: str | Path = tmp_path / "store",
-              sock: str | Path = tmp_path / "n.sock") -> subprocess.CompletedProcess[str]:
-        return snapimg("serve", f"d={img}", "--socket", sock, "--control",
-                       tmp_path / "c.sock", "--store-dir", store, *extra, check=False)
+    def serve(
+        *extra: str | Path,
+        store: str | Path = tmp_path / "store",
+        sock: str | Path = tmp_path / "n.sock",
+    ) -> subprocess.CompletedProcess[str]:
+        return snapimg(
+            "serve",
+            f"d={img}",
+            "--socket",
+            sock,
+            "--control",
+            tmp_path / "c.sock",
+            "--store-dir",
+            store,
+            *extra,
+            check=False,
+        )
 
     for image in (tmp_path / "fifo", "/dev/null"):  # nothing may hang or be opened
-        proc = snapimg("serve", image, "--socket", tmp_path / "n.sock", "--control",
-                       tmp_path / "c.sock", "--store-dir", tmp_path / "store", check=False)
+        proc = snapimg(
+            "serve",
+            image,
+            "--socket",
+            tmp_path / "n.sock",
+            "--control",
+            tmp_path / "c.sock",
+            "--store-dir",
+            tmp_path / "store",
+            check=False,
+        )
         one_line_error(proc, f"image {image} is not a regular file or block device")
     one_line_error(serve(store="/proc/nope"), "cannot create --store-dir /proc/nope")
     one_line_error(serve(store=tmp_path / "no/store"), f"no such directory {tmp_path / 'no'}")
@@ -116,8 +140,9 @@ def test_unreadable_paths_as_a_user(tmp_path: Path) -> None:
         secret.chmod(0o600)  # root's
         bin_dir = bin_dir_for_any_user()
         if bin_dir is None:
-            pytest.skip("no snapimg installation other users may run (scripts/install.sh "
-                        "makes .venv)")
+            pytest.skip(
+                "no snapimg installation other users may run (scripts/install.sh makes .venv)"
+            )
         cmd = ["runuser", "-u", "nobody", "--", str(bin_dir / "snapimg")]
         proc = subprocess.run(
             [*cmd, "serve", str(secret), "--socket", str(work / "n.sock"), "--control",
@@ -125,8 +150,9 @@ def test_unreadable_paths_as_a_user(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60, cwd=work,
         )  # fmt: skip
         one_line_error(proc, f"cannot open image {secret}: Permission denied")
-        proc = subprocess.run([*cmd, "checksum", str(secret)], capture_output=True,
-                              text=True, timeout=60, cwd=work)
+        proc = subprocess.run(
+            [*cmd, "checksum", str(secret)], capture_output=True, text=True, timeout=60, cwd=work
+        )
         one_line_error(proc, "Permission denied")
         proc = subprocess.run(
             [*cmd, "serve", str(secret), "--socket", "/n.sock", "--control",
@@ -146,13 +172,22 @@ def test_out_of_range_numbers(tmp_path: Path, serve: Callable[..., Serve]) -> No
     img.write_bytes(b"\x33" * 4 * MiB)
     s = serve([f"d={img}"])
     one_line_error(
-        snapimg("snapshot", "create", "--control", s.control, "d@big", "--max-size",
-                "1000000000000000000000", check=False),
+        snapimg(
+            "snapshot",
+            "create",
+            "--control",
+            s.control,
+            "d@big",
+            "--max-size",
+            "1000000000000000000000",
+            check=False,
+        ),
         "snapimg snapshot: bad --max-size '1000000000000000000000': must be from 0 to",
     )
     for value in (10**21, -1, 1.5, True, "1G", [1], {"a": 1}):
-        response = control_request(s.control, "create_snapshot", origin="d", snap="big",
-                                   max_size=value)
+        response = control_request(
+            s.control, "create_snapshot", origin="d", snap="big", max_size=value
+        )
         assert response["error"]["type"] == "ControlError", response
         assert "parameter 'max_size' must be an integer from 0 to" in response["error"]["message"]
     for key in ("offset", "length"):
@@ -171,8 +206,9 @@ def test_max_size_and_release_granularity(tmp_path: Path, serve: Callable[..., S
     s = serve([f"d={img}"])
     for size in ("0", "10", "65535"):
         one_line_error(
-            snapimg("snapshot", "create", "--control", s.control, "d@s", "--max-size", size,
-                    check=False),
+            snapimg(
+                "snapshot", "create", "--control", s.control, "d@s", "--max-size", size, check=False
+            ),
             f"max size {size} bytes is below one block (65536 bytes)",
         )
     snapimg("snapshot", "create", "--control", s.control, "d@s", "--max-size", "64K")
@@ -181,11 +217,24 @@ def test_max_size_and_release_granularity(tmp_path: Path, serve: Callable[..., S
     assert listed[0]["state"] == "valid" and listed[0]["preserved_blocks"] == 1
 
     def release(offset: str, length: str) -> subprocess.CompletedProcess[str]:
-        return snapimg("snapshot", "release", "--control", s.control, "d@s",
-                       "--offset", offset, "--length", length, check=False)
+        return snapimg(
+            "snapshot",
+            "release",
+            "--control",
+            s.control,
+            "d@s",
+            "--offset",
+            offset,
+            "--length",
+            length,
+            check=False,
+        )
 
-    one_line_error(release("0", "4K"), "range 0+4096 covers no whole block of 64.0 KiB: "
-                   "nothing released (release frees whole blocks only)")
+    one_line_error(
+        release("0", "4K"),
+        "range 0+4096 covers no whole block of 64.0 KiB: "
+        "nothing released (release frees whole blocks only)",
+    )
     one_line_error(release("4K", "64K"), "covers no whole block")
     one_line_error(release("4M", "1"), "runs past the end of d@s")
     qemu_io(s.uri("d@s"), "read -P 0x44 0 64k", read_only=True)  # nothing was released
@@ -214,8 +263,20 @@ def test_odd_sized_image_warning(tmp_path: Path, serve: Callable[..., Serve]) ->
     qemu_io(s.uri("odd"), "read -P 0x66 999424 576", "read -P 0 1000000 448")
     assert "Invalid argument" in qemu_io(s.uri("odd"), "write 999936 512", check=False)
     assert s.stop() == 143
-    quiet = snapimg("serve", f"odd={img}", "--socket", s.socket, "--control", s.control,
-                    "--store-dir", s.store, "--pid-file", s.pid_file, "--daemonize", "-q")
+    quiet = snapimg(
+        "serve",
+        f"odd={img}",
+        "--socket",
+        s.socket,
+        "--control",
+        s.control,
+        "--store-dir",
+        s.store,
+        "--pid-file",
+        s.pid_file,
+        "--daemonize",
+        "-q",
+    )
     try:
         assert quiet.stdout == "" and quiet.stderr == ""
     finally:
@@ -231,18 +292,21 @@ def stop_daemon(pid_file: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signals_end_waiting_commands(
-    silent_socket: socket.socket, sig: signal.Signals
-) -> None:
+def test_signals_end_waiting_commands(silent_socket: socket.socket, sig: signal.Signals) -> None:
     expected = {signal.SIGTERM: (143, "terminated"), signal.SIGINT: (130, "interrupted")}[sig]
     path = silent_socket.getsockname()
     uri = f"nbd+unix:///x?socket={path}"
-    for args in (["snapshot", "list", "--control", str(path)],
-                 ["snapshot", "create", "--control", str(path), "d@s"],
-                 ["inspect", uri], ["ls", uri], ["diff", uri, uri],
-                 ["attach", "--qmp", str(path), "--device", "d0", "d@s"]):
-        proc = subprocess.Popen([*SNAPIMG, *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    for args in (
+        ["snapshot", "list", "--control", str(path)],
+        ["snapshot", "create", "--control", str(path), "d@s"],
+        ["inspect", uri],
+        ["ls", uri],
+        ["diff", uri, uri],
+        ["attach", "--qmp", str(path), "--device", "d0", "d@s"],
+    ):
+        proc = subprocess.Popen(
+            [*SNAPIMG, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         silent_socket.settimeout(60)
         conn, _ = silent_socket.accept()  # it connected: now waiting for an answer
         time.sleep(0.3)  # (past its first read)

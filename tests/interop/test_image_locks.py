@@ -37,8 +37,17 @@ def qemu_writers(img: Path) -> dict[str, list[str]]:
         "qemu-io": ["qemu-io", "-f", "raw", "-c", "write -P 0x11 1M 64K", str(img)],
         "qemu-img": ["qemu-img", "resize", "-f", "raw", str(img), "16M"],
         "qemu-system-x86_64": [
-            "qemu-system-x86_64", "-nodefaults", "-display", "none", "-machine", "pc,accel=tcg",
-            "-S", "-monitor", "none", "-drive", f"file={img},format=raw,if=ide",
+            "qemu-system-x86_64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-machine",
+            "pc,accel=tcg",
+            "-S",
+            "-monitor",
+            "none",
+            "-drive",
+            f"file={img},format=raw,if=ide",
         ],  # fmt: skip
     }
 
@@ -119,9 +128,7 @@ def test_a_running_vm_is_seen_and_refused(tmp_path: Path, vm: Callable[[Path], V
     guest = vm(img)
     state = probe(img)
     assert state.writer and state.unshared & Perm.WRITE
-    assert [(h.pid, h.command) for h in state.holders] == [
-        (guest.proc.pid, "qemu-system-x86_64")
-    ]
+    assert [(h.pid, h.command) for h in state.holders] == [(guest.proc.pid, "qemu-system-x86_64")]
     with pytest.raises(ImageInUseError) as used:  # what restore --to asks before writing
         check_not_in_use(img)
     assert str(used.value) == (
@@ -146,9 +153,7 @@ def test_a_running_vm_is_seen_and_refused(tmp_path: Path, vm: Callable[[Path], V
 
 
 @pytest.mark.parametrize("backend", ["native", "qsd"])
-def test_served_image_is_locked(
-    tmp_path: Path, serve: Callable[..., Serve], backend: str
-) -> None:
+def test_served_image_is_locked(tmp_path: Path, serve: Callable[..., Serve], backend: str) -> None:
     img = make_image(tmp_path / "disk.img")
     other = make_image(tmp_path / "other.img")
     s = serve([f"disk={img}", f"other={other}"], "--backend", backend)

@@ -135,15 +135,38 @@ def test_every_command_refuses_a_bad_name_alike(tmp_path: Path) -> None:
         export_message = str(exc.value)
         runs = [
             (["backup", "--control", nowhere, name, "--to", tmp_path / "b"], export_message),
-            (["backup", "--control", nowhere, "disk", "--keep", f"disk@{name}",
-              "--to", tmp_path / "b"], snap_message),
+            (
+                [
+                    "backup",
+                    "--control",
+                    nowhere,
+                    "disk",
+                    "--keep",
+                    f"disk@{name}",
+                    "--to",
+                    tmp_path / "b",
+                ],
+                snap_message,
+            ),
             (["attach", "--qmp", nowhere, "--device", "ide0", f"disk@{name}"], snap_message),
         ]
         if "/" not in name:  # serve reads a NAME=IMAGE with '/' in NAME as an image path
             spec = f"{name}={img}"
-            runs.append((["serve", spec, "--socket", nowhere, "--control", nowhere,
-                          "--store-dir", tmp_path / "st"],
-                         f"{export_message} (in {spec!r}; give NAME=IMAGE)"))
+            runs.append(
+                (
+                    [
+                        "serve",
+                        spec,
+                        "--socket",
+                        nowhere,
+                        "--control",
+                        nowhere,
+                        "--store-dir",
+                        tmp_path / "st",
+                    ],
+                    f"{export_message} (in {spec!r}; give NAME=IMAGE)",
+                )
+            )
         for args, message in runs:
             proc = snapimg(*args, check=False)
             assert (proc.returncode, proc.stdout) == (1, ""), (args, proc)

@@ -23,7 +23,7 @@ GiB = 1 << 30
 def example(heading: str) -> str:
     """The first ``sh`` block of the README section under ``heading``."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index(heading):]
+    section = text[text.index(heading) :]
     match = re.search(r"```sh\n(.*?)```", section, re.S)
     assert match is not None
     return match.group(1)
@@ -44,8 +44,7 @@ def run_as_user(script: str, work: Path) -> subprocess.CompletedProcess[str]:
         os.chown(work, nobody.pw_uid, nobody.pw_gid)
     bin_dir = bin_dir_for_any_user()  # the venv holding snapimg
     if bin_dir is None:
-        pytest.skip("no snapimg installation other users may run (scripts/install.sh "
-                    "makes .venv)")
+        pytest.skip("no snapimg installation other users may run (scripts/install.sh makes .venv)")
     env = ["env", f"PATH={bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/nonexistent"]
     return subprocess.run(
         as_user([*env, "bash", "-euo", "pipefail", "-c", script]),

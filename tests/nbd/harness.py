@@ -19,8 +19,10 @@ class ServerThread:
         self.exports = exports
         self.sock = sock
         import os as _os
+
         if _os.environ.get("UV"):
             import uvloop
+
             self.loop = uvloop.new_event_loop()
         else:
             self.loop = asyncio.new_event_loop()

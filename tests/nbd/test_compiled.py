@@ -153,9 +153,7 @@ def test_block_status(rig: Rig) -> None:
     s.shutdown()
 
 
-def test_protocol_violations_and_disconnect(
-    rig: Rig, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_protocol_violations_and_disconnect(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     s = raw_handshake(rig.st.sock)
     n = (32 << 20) + 512
     s.sendall(p.REQUEST.pack(p.NBD_REQUEST_MAGIC, 0, p.NBD_CMD_WRITE, 7, 0, n))

@@ -24,8 +24,13 @@ import pytest
 from vmtests import config
 
 # what the host agent may run; everything else it lists is blocked
-ALLOWED = {"guest-sync", "guest-sync-delimited", "guest-ping", "guest-info",
-           "guest-fsfreeze-status"}
+ALLOWED = {
+    "guest-sync",
+    "guest-sync-delimited",
+    "guest-ping",
+    "guest-info",
+    "guest-fsfreeze-status",
+}
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +43,22 @@ def qemu_ga() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     for deb in cache.glob("*.deb"):
         deb.unlink()
-    fetch = subprocess.run(["apt-get", "download", "qemu-guest-agent"], cwd=cache,
-                           capture_output=True, text=True, timeout=300)
+    fetch = subprocess.run(
+        ["apt-get", "download", "qemu-guest-agent"],
+        cwd=cache,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if fetch.returncode != 0:  # stale package lists: refresh once
         subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=300)
-        fetch = subprocess.run(["apt-get", "download", "qemu-guest-agent"], cwd=cache,
-                               capture_output=True, text=True, timeout=300)
+        fetch = subprocess.run(
+            ["apt-get", "download", "qemu-guest-agent"],
+            cwd=cache,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert fetch.returncode == 0, f"apt-get download qemu-guest-agent: {fetch.stderr}"
     [deb] = cache.glob("qemu-guest-agent_*.deb")
     subprocess.run(["dpkg-deb", "-x", str(deb), str(cache / "root")], check=True, timeout=120)
@@ -51,8 +66,9 @@ def qemu_ga() -> Path:
 
 
 def _blocked(binary: Path) -> list[str]:
-    listing = subprocess.run([str(binary), "-b", "help"], capture_output=True, text=True,
-                             timeout=30)
+    listing = subprocess.run(
+        [str(binary), "-b", "help"], capture_output=True, text=True, timeout=30
+    )
     names = set((listing.stdout + listing.stderr).split())
     commands = {name for name in names if name.startswith("guest-")}
     assert "guest-fsfreeze-freeze" in commands, f"qemu-ga -b help listed: {sorted(commands)}"
@@ -66,10 +82,23 @@ def host_agent(qemu_ga: Path, tmp_path: Path) -> Iterator[Path]:
     state = tmp_path / "qga-state"
     state.mkdir()
     proc = subprocess.Popen(
-        [str(qemu_ga), "-m", "unix-listen", "-p", str(sock), "-t", str(state),
-         "-f", str(state / "qemu-ga.pid"), "-b", ",".join(_blocked(qemu_ga))],
-        stdout=subprocess.DEVNULL, stderr=(tmp_path / "qemu-ga.log").open("wb"),
-        start_new_session=True)
+        [
+            str(qemu_ga),
+            "-m",
+            "unix-listen",
+            "-p",
+            str(sock),
+            "-t",
+            str(state),
+            "-f",
+            str(state / "qemu-ga.pid"),
+            "-b",
+            ",".join(_blocked(qemu_ga)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "qemu-ga.log").open("wb"),
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not sock.exists():

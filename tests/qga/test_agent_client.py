@@ -27,8 +27,9 @@ def test_agent_errors_carry_its_class(host_agent: Path) -> None:
         assert refused.value.error_class == "CommandNotFound"
         assert refused.value.command == "guest-fsfreeze-freeze"
         assert "disabled" in refused.value.desc
-        assert str(refused.value).startswith(f"guest agent at {host_agent}: "
-                                             "guest-fsfreeze-freeze: CommandNotFound: ")
+        assert str(refused.value).startswith(
+            f"guest agent at {host_agent}: guest-fsfreeze-freeze: CommandNotFound: "
+        )
         with pytest.raises(QgaError) as bad:
             client.execute("guest-ping", {"no-such-argument": 1})
         assert bad.value.error_class == "GenericError"
@@ -61,8 +62,9 @@ def test_silent_agent_times_out(silent_agent: Path) -> None:
     with pytest.raises(QgaTimeoutError) as timeout:
         client.connect()
     assert timeout.value.command == "guest-sync-delimited"
-    assert str(timeout.value) == (f"guest agent at {silent_agent}: guest-sync-delimited: "
-                                  "no answer within 0.5 s")
+    assert str(timeout.value) == (
+        f"guest agent at {silent_agent}: guest-sync-delimited: no answer within 0.5 s"
+    )
     client.close()
 
 

@@ -23,7 +23,7 @@ def qemu_io(uri: str, *commands: str, expect_fail: bool = False) -> str:
     """Run qemu-io commands on an NBD export; each must succeed unless ``expect_fail``."""
     argv = ["qemu-io", "-f", "raw"]
     if all(c.startswith("read") for c in commands):
-        argv.append("-r")                       # snapshot exports are read-only
+        argv.append("-r")  # snapshot exports are read-only
     for c in commands:
         argv += ["-c", c]
     proc = subprocess.run([*argv, uri], capture_output=True, text=True, check=False, timeout=120)

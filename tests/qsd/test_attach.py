@@ -30,32 +30,54 @@ from snapimg.backends.qsd.qmp import Qmp
 from snapimg.errors import QemuError
 
 SIZE = 16 * MiB
-DEVICES = ("ide0", "lsi0", "vs0")      # ide-hd, scsi-hd on lsi53c895a, scsi-hd on virtio-scsi
+DEVICES = ("ide0", "lsi0", "vs0")  # ide-hd, scsi-hd on lsi53c895a, scsi-hd on virtio-scsi
 
 
 class Vm:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.qmp_test = tmp / "qmp-test.sock"     # the test's monitor
-        self.qmp = tmp / "qmp.sock"               # snapimg's monitor
+        self.qmp_test = tmp / "qmp-test.sock"  # the test's monitor
+        self.qmp = tmp / "qmp.sock"  # snapimg's monitor
         for dev in DEVICES:
             make_origin(self.disk(dev), SIZE, [(0x5A, 0, 4 * MiB), (0xC3, 8 * MiB, 2 * MiB)])
         d = {dev: self.disk(dev) for dev in DEVICES}
         self.proc = subprocess.Popen(
-            ["qemu-system-x86_64", "-machine", "pc", "-nodefaults", "-S", "-display", "none",
-             "-qmp", f"unix:{self.qmp_test},server=on,wait=off",
-             "-qmp", f"unix:{self.qmp},server=on,wait=off",
-             "-drive", f"if=none,id=d0,file={d['ide0']},format=raw",
-             "-device", "ide-hd,drive=d0,id=ide0,bus=ide.0",
-             "-device", "lsi53c895a,id=lsi",
-             "-drive", f"if=none,id=d1,file={d['lsi0']},format=raw",
-             "-device", "scsi-hd,drive=d1,id=lsi0,bus=lsi.0",
-             "-device", "virtio-scsi-pci,id=vscsi",
-             "-blockdev", f"driver=file,filename={d['vs0']},node-name=f2",
-             "-blockdev", "driver=raw,file=f2,node-name=d2",
-             "-device", "scsi-hd,drive=d2,id=vs0,bus=vscsi.0"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True)
+            [
+                "qemu-system-x86_64",
+                "-machine",
+                "pc",
+                "-nodefaults",
+                "-S",
+                "-display",
+                "none",
+                "-qmp",
+                f"unix:{self.qmp_test},server=on,wait=off",
+                "-qmp",
+                f"unix:{self.qmp},server=on,wait=off",
+                "-drive",
+                f"if=none,id=d0,file={d['ide0']},format=raw",
+                "-device",
+                "ide-hd,drive=d0,id=ide0,bus=ide.0",
+                "-device",
+                "lsi53c895a,id=lsi",
+                "-drive",
+                f"if=none,id=d1,file={d['lsi0']},format=raw",
+                "-device",
+                "scsi-hd,drive=d1,id=lsi0,bus=lsi.0",
+                "-device",
+                "virtio-scsi-pci,id=vscsi",
+                "-blockdev",
+                f"driver=file,filename={d['vs0']},node-name=f2",
+                "-blockdev",
+                "driver=raw,file=f2,node-name=d2",
+                "-device",
+                "scsi-hd,drive=d2,id=vs0,bus=vscsi.0",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         self.loop = asyncio.new_event_loop()
         deadline = time.monotonic() + 30
         while True:
@@ -105,13 +127,19 @@ def vm(short_tmp: Path) -> Iterator[Vm]:
 
 
 def snapimg(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "snapimg.cli.main", *args],
-                          capture_output=True, text=True, check=False, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "snapimg.cli.main", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
 
 
 def attach(vm: Vm, dev: str, name: str) -> str:
-    proc = snapimg("attach", "--qmp", str(vm.qmp), "--device", dev, name,
-                   "--store-dir", str(vm.tmp / "store"))
+    proc = snapimg(
+        "attach", "--qmp", str(vm.qmp), "--device", dev, name, "--store-dir", str(vm.tmp / "store")
+    )
     assert proc.returncode == 0, proc.stderr
     [uri] = proc.stdout.splitlines()
     assert uri == f"nbd+unix:///{name}?socket={vm.tmp / 'store' / 'nbd.sock'}"
@@ -151,8 +179,14 @@ def test_attach_two_snapshots_then_detach_leaves_the_vm_as_before(vm: Vm, dev: s
     uri2 = attach(vm, dev, "disk@two")
     vm.io(dev, "write -P 0x1d 0x10000 0x40000")
     vm.io(dev, "write -z 0x3f0000 0x20000")
-    rewritten = [(0, 0x10000), (0xF8000, 0x10000), (0x808000, 0x10000), (0x900000, 0x20000),
-                 (0x10000, 0x40000), (0x3F0000, 0x20000)]
+    rewritten = [
+        (0, 0x10000),
+        (0xF8000, 0x10000),
+        (0x808000, 0x10000),
+        (0x900000, 0x20000),
+        (0x10000, 0x40000),
+        (0x3F0000, 0x20000),
+    ]
     check_exact(uri1, ref1, vm.tmp, rewritten)
     check_exact(uri2, ref2, vm.tmp, rewritten)
     detach(vm, "disk@one")
@@ -168,8 +202,16 @@ def test_attach_two_snapshots_then_detach_leaves_the_vm_as_before(vm: Vm, dev: s
 
 def test_attach_and_detach_mistakes_are_one_line_errors(vm: Vm) -> None:
     before = vm.state()
-    proc = snapimg("attach", "--qmp", str(vm.qmp), "--device", "nope", "disk@s",
-                   "--store-dir", str(vm.tmp / "store"))
+    proc = snapimg(
+        "attach",
+        "--qmp",
+        str(vm.qmp),
+        "--device",
+        "nope",
+        "disk@s",
+        "--store-dir",
+        str(vm.tmp / "store"),
+    )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "no disk device 'nope'" in proc.stderr and "ide0" in proc.stderr
     proc = snapimg("detach", "--qmp", str(vm.qmp), "disk@never")
@@ -177,15 +219,33 @@ def test_attach_and_detach_mistakes_are_one_line_errors(vm: Vm) -> None:
     assert "no snapshot disk@never is attached" in proc.stderr
     proc = snapimg("attach", "--qmp", str(vm.tmp / "missing.sock"), "--device", "ide0", "d@s")
     assert proc.returncode == 1 and "cannot connect to QMP socket" in proc.stderr
-    proc = snapimg("attach", "--qmp", str(vm.qmp), "--device", "ide0", "disk@s",
-                   "--store-dir", str(vm.tmp / "store"), "--socket", "/nonexistent/nbd.sock")
+    proc = snapimg(
+        "attach",
+        "--qmp",
+        str(vm.qmp),
+        "--device",
+        "ide0",
+        "disk@s",
+        "--store-dir",
+        str(vm.tmp / "store"),
+        "--socket",
+        "/nonexistent/nbd.sock",
+    )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "QMP error GenericError: " in proc.stderr
     assert proc.stderr.rstrip().endswith("(command nbd-server-start)")
     assert vm.state() == before
     attach(vm, "ide0", "disk@s")
-    proc = snapimg("attach", "--qmp", str(vm.qmp), "--device", "ide0", "disk@s",
-                   "--store-dir", str(vm.tmp / "store"))
+    proc = snapimg(
+        "attach",
+        "--qmp",
+        str(vm.qmp),
+        "--device",
+        "ide0",
+        "disk@s",
+        "--store-dir",
+        str(vm.tmp / "store"),
+    )
     assert proc.returncode == 1 and "already attached" in proc.stderr
     detach(vm, "disk@s")
     assert vm.state() == before
@@ -196,11 +256,23 @@ def test_attach_and_detach_mistakes_are_one_line_errors(vm: Vm) -> None:
     with pytest.raises(QemuError) as err:
         vm.qmp_cmd("nbd-server-start", other)
     assert (err.value.error_class, err.value.desc, err.value.command) == (
-        "GenericError", NBD_SERVER_RUNNING, "nbd-server-start")
+        "GenericError",
+        NBD_SERVER_RUNNING,
+        "nbd-server-start",
+    )
     assert str(err.value) == (
-        f"QMP error GenericError: {NBD_SERVER_RUNNING} (command nbd-server-start)")
-    proc = snapimg("attach", "--qmp", str(vm.qmp), "--device", "ide0", "disk@s",
-                   "--store-dir", str(vm.tmp / "store"))
+        f"QMP error GenericError: {NBD_SERVER_RUNNING} (command nbd-server-start)"
+    )
+    proc = snapimg(
+        "attach",
+        "--qmp",
+        str(vm.qmp),
+        "--device",
+        "ide0",
+        "disk@s",
+        "--store-dir",
+        str(vm.tmp / "store"),
+    )
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "already runs an NBD server that snapimg did not start" in proc.stderr
     vm.qmp_cmd("nbd-server-stop")

@@ -33,18 +33,29 @@ from qsd_clients import (
 
 BACKENDS = ("native", "qsd")
 SIZE = 16 * MiB
-PATTERNS = [(0x5D, 0, 0x10000), (0xD5, 0x100000, 0x10000), (0xDC, 0x800000, 0x10000),
-            (0xCD, SIZE - 0x10000, 0x10000)]
-OVERWRITES = [(0xAB, 0, 0x10000),                 # full
-              (0xAD, 0x0F8000, 0x10000),          # partial-left
-              (0x1D, 0x808000, 0x10000),          # partial-right
-              (0xEA, SIZE - 0x20000, 0x10000)]    # adjacent-left
+PATTERNS = [
+    (0x5D, 0, 0x10000),
+    (0xD5, 0x100000, 0x10000),
+    (0xDC, 0x800000, 0x10000),
+    (0xCD, SIZE - 0x10000, 0x10000),
+]
+OVERWRITES = [
+    (0xAB, 0, 0x10000),  # full
+    (0xAD, 0x0F8000, 0x10000),  # partial-left
+    (0x1D, 0x808000, 0x10000),  # partial-right
+    (0xEA, SIZE - 0x20000, 0x10000),
+]  # adjacent-left
 ZEROES = [(0x0F8000, 0x8000), (0x810000, 0x8000), (SIZE - 0x20000, 0x10000)]
 
 
 def snapimg(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "snapimg.cli.main", *args],
-                          capture_output=True, text=True, check=False, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "snapimg.cli.main", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
 
 
 class Server:
@@ -56,10 +67,26 @@ class Server:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "snapimg.cli.main", "serve", *self.images,
-             "--socket", str(self.socket), "--control", str(self.control),
-             "--store-dir", str(self.store), "--backend", self.backend],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "snapimg.cli.main",
+                "serve",
+                *self.images,
+                "--socket",
+                str(self.socket),
+                "--control",
+                str(self.control),
+                "--store-dir",
+                str(self.store),
+                "--backend",
+                self.backend,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         err = self.proc.stderr.read() if self.proc.stderr and not line else ""
@@ -107,8 +134,9 @@ def server(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Server]:
     # Overflow tests preserve non-zero data: qsd stores copied zero blocks for free.
     make_origin(short_tmp / "other.img", SIZE, [(0x31, 0, SIZE)])
     make_origin(short_tmp / "third.img", SIZE, [(0x37, 0, SIZE)])
-    s = Server(short_tmp, request.param, [str(short_tmp / f"{n}.img")
-                                          for n in ("disk", "other", "third")])
+    s = Server(
+        short_tmp, request.param, [str(short_tmp / f"{n}.img") for n in ("disk", "other", "third")]
+    )
     s.start()
     try:
         yield s
@@ -123,8 +151,7 @@ def reference(server: Server, name: str, image: str = "disk") -> Path:
     return ref
 
 
-def check_exact(server: Server, export: str, ref: Path,
-                rewritten: list[tuple[int, int]]) -> None:
+def check_exact(server: Server, export: str, ref: Path, rewritten: list[tuple[int, int]]) -> None:
     uri = server.uri(export)
     for copy in (copy_convert, copy_dd, copy_nbdcopy):
         out = server.tmp / "copy.img"
@@ -132,7 +159,7 @@ def check_exact(server: Server, export: str, ref: Path,
         assert same_bytes(out, ref), f"{copy.__name__} of {export} ({server.backend}) differs"
         out.unlink()
     for off, length in rewritten:
-        start = off + length // 2           # starts inside a rewritten block, runs past it
+        start = off + length // 2  # starts inside a rewritten block, runs past it
         n = min(3 * 65536, SIZE - start)
         assert pread(uri, start, n) == read_file(ref, start, n)
 
@@ -166,8 +193,18 @@ def test_fleecing_cases_and_several_snapshots(server: Server) -> None:
     check_exact(server, "disk@three", ref3, more)
     assert ref2.exists()
     info = server.list()["disk@one"]
-    assert {"name", "created", "state", "reason", "preserved_blocks", "preserved_bytes",
-            "max_size", "block_size", "writable", "on_full"} <= set(info)
+    assert {
+        "name",
+        "created",
+        "state",
+        "reason",
+        "preserved_blocks",
+        "preserved_bytes",
+        "max_size",
+        "block_size",
+        "writable",
+        "on_full",
+    } <= set(info)
     assert info["state"] == "valid" and info["preserved_bytes"] > 0
     assert info["preserved_blocks"] * info["block_size"] >= info["preserved_bytes"]
 
@@ -177,12 +214,12 @@ def test_overflow_under_both_policies(server: Server) -> None:
     server.create("other@bw", "--max-size", "1M", "--on-full", "block-writes")
     server.create("third@inv", "--max-size", "1M", "--on-full", "invalidate")
     other, third = server.uri("other"), server.uri("third")
-    for i in range(16):                                  # exactly 1 MiB of preserved blocks
+    for i in range(16):  # exactly 1 MiB of preserved blocks
         qemu_io(other, f"write -P 0x42 {i * 0x20000} 0x10000")
     out = qemu_io(other, "write -P 0x43 0x400000 0x10000", expect_fail=True)
     assert "No space left on device" in out
-    qemu_io(other, "write -P 0x44 0 0x10000")            # an already preserved block: fine
-    for i in range(32):                                  # 2 MiB: the writer never fails
+    qemu_io(other, "write -P 0x44 0 0x10000")  # an already preserved block: fine
+    for i in range(32):  # 2 MiB: the writer never fails
         qemu_io(third, f"write -P 0x45 {i * 0x10000} 0x10000")
     qemu_io(third, "read -P 0x45 0 2M")
     listed = server.list()
@@ -191,11 +228,23 @@ def test_overflow_under_both_policies(server: Server) -> None:
     assert bw["on_full"] == "block-writes" and inv["on_full"] == "invalidate"
     assert inv["state"] == "invalid" and inv["reason"]
     out = qemu_io(server.uri("third@inv"), "read 0 64k", expect_fail=True)
-    assert "Input/output error" in out                    # both backends answer EIO
+    assert "Input/output error" in out  # both backends answer EIO
     check_exact(server, "other@bw", ref, [(0, 0x10000)])
-    proc = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
-                           server.uri("third@inv"), str(server.tmp / "inv.img")],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            server.uri("third@inv"),
+            str(server.tmp / "inv.img"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode != 0, "an invalid snapshot must not be readable"
 
 
@@ -205,17 +254,17 @@ def test_restart_and_teardown(server: Server) -> None:
     qemu_io(server.uri("disk"), "write -P 0x66 0 0x200000")
     assert server.stop() == 143  # SIGTERM: clean shutdown, status 128 + 15
     assert not server.socket.exists() and not server.control.exists()
-    assert not list(server.store.glob("*.qcow2"))        # qsd: no target file left behind
+    assert not list(server.store.glob("*.qcow2"))  # qsd: no target file left behind
     server.start()
     info = server.list()["disk@s"]
-    if server.backend == "native":                      # the persistent store reopens
+    if server.backend == "native":  # the persistent store reopens
         assert info["state"] == "valid"
         check_exact(server, "disk@s", ref, [(0, 0x200000)])
-    else:                                               # documented: qsd snapshots are lost
+    else:  # documented: qsd snapshots are lost
         assert info["state"] == "invalid"
         assert "do not survive a restart" in info["reason"]
         out = qemu_io(server.uri("disk@s"), "read 0 64k", expect_fail=True)
-        assert "Input/output error" in out                # an error, never stale data
+        assert "Input/output error" in out  # an error, never stale data
     server.drop("disk@s")
     assert server.list() == {}
     assert server.export_names() == {"disk", "other", "third"}

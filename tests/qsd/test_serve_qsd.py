@@ -15,10 +15,27 @@ from qsd_clients import MiB, make_origin, qemu_io
 def start_serve(tmp: Path, *extra: str) -> subprocess.Popen[str]:
     make_origin(tmp / "disk.img", 4 * MiB, [(0x11, 0, MiB)])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "snapimg.cli.main", "serve", str(tmp / "disk.img"),
-         "--socket", str(tmp / "nbd.sock"), "--control", str(tmp / "ctl.sock"),
-         "--store-dir", str(tmp / "store"), "--backend", "qsd", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "snapimg.cli.main",
+            "serve",
+            str(tmp / "disk.img"),
+            "--socket",
+            str(tmp / "nbd.sock"),
+            "--control",
+            str(tmp / "ctl.sock"),
+            "--store-dir",
+            str(tmp / "store"),
+            "--backend",
+            "qsd",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     return proc
 
 
@@ -89,23 +106,66 @@ def test_killed_serve_takes_the_daemon_along_and_a_restart_works(short_tmp: Path
         assert gone(qsd), "qemu-storage-daemon outlived snapimg serve"
     finally:
         kill(proc)
-    proc = start_serve(short_tmp)            # the stale NBD socket is cleaned up
+    proc = start_serve(short_tmp)  # the stale NBD socket is cleaned up
     try:
         wait_ready(proc)
         qemu_io(f"nbd+unix:///disk?socket={short_tmp / 'nbd.sock'}", "read -P 0x11 0 1M")
         assert not killed_rundir.exists(), "the killed server's run dir was not cleaned up"
-        for opts, msg in ((["--writable"], "writable snapshots are not supported"),
-                          (["--max-size", "4K"], "below one block")):
-            cli = subprocess.run([sys.executable, "-m", "snapimg.cli.main", "snapshot", "create",
-                                  "--control", str(short_tmp / "ctl.sock"), "disk@w", *opts],
-                                 capture_output=True, text=True, check=False)
+        for opts, msg in (
+            (["--writable"], "writable snapshots are not supported"),
+            (["--max-size", "4K"], "below one block"),
+        ):
+            cli = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "snapimg.cli.main",
+                    "snapshot",
+                    "create",
+                    "--control",
+                    str(short_tmp / "ctl.sock"),
+                    "disk@w",
+                    *opts,
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             assert cli.returncode == 1 and cli.stderr.count("\n") == 1 and msg in cli.stderr
         ctl = str(short_tmp / "ctl.sock")
-        subprocess.run([sys.executable, "-m", "snapimg.cli.main", "snapshot", "create",
-                        "--control", ctl, "disk@r"], check=True, capture_output=True)
-        cli = subprocess.run([sys.executable, "-m", "snapimg.cli.main", "snapshot", "release",
-                              "--control", ctl, "--offset", "0", "--length", "64K", "disk@r"],
-                             capture_output=True, text=True, check=False)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snapimg.cli.main",
+                "snapshot",
+                "create",
+                "--control",
+                ctl,
+                "disk@r",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snapimg.cli.main",
+                "snapshot",
+                "release",
+                "--control",
+                ctl,
+                "--offset",
+                "0",
+                "--length",
+                "64K",
+                "disk@r",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert cli.returncode == 1 and cli.stderr.count("\n") == 1
         assert "release is not supported by the qsd backend" in cli.stderr
     finally:

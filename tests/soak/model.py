@@ -287,8 +287,10 @@ class World:
         if snap.invalid_since is not None:
             return True
         info = self.listed(snap)
-        return info is not None and not info.valid and self.accept_invalid(
-            snap, info.reason or "", context
+        return (
+            info is not None
+            and not info.valid
+            and self.accept_invalid(snap, info.reason or "", context)
         )
 
     def check_output(self, what: str, proc: subprocess.CompletedProcess[str]) -> None:

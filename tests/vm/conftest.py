@@ -37,8 +37,10 @@ def vm_settings(rig_settings: config.Settings) -> config.Settings:
     """Settings of the FreeDOS tests: skipped without a FreeDOS image."""
     settings = rig_settings
     if not settings.freedos_image.is_file():
-        pytest.skip(f"FreeDOS image not found at {settings.freedos_image} "
-                    "(set SNAPIMG_FREEDOS_IMAGE; see docs/vmtests.md)")
+        pytest.skip(
+            f"FreeDOS image not found at {settings.freedos_image} "
+            "(set SNAPIMG_FREEDOS_IMAGE; see docs/vmtests.md)"
+        )
     return settings
 
 

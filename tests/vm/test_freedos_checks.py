@@ -17,8 +17,8 @@ from vmtests.errors import VmError
 from vmtests.guests import freedos
 from vmtests.scenarios import checks
 
-RAW = 256   # sectors of the raw region used here (4 writer chunks)
-KIB = 8     # file size used here
+RAW = 256  # sectors of the raw region used here (4 writer chunks)
+KIB = 8  # file size used here
 
 
 @pytest.fixture
@@ -38,8 +38,18 @@ def _stamp(image: Path, first: int, count: int, gen: int) -> None:
 def _put_file(image: Path, slot: int, data: bytes, tmp_path: Path) -> None:
     src = tmp_path / "f.dat"
     src.write_bytes(data)
-    subprocess.run(["mcopy", "-o", "-i", f"{image}@@{freedos.PARTITION_OFFSET}", str(src),
-                    f"::{freedos.file_name(slot)}"], check=True, env=freedos.mtools_env())
+    subprocess.run(
+        [
+            "mcopy",
+            "-o",
+            "-i",
+            f"{image}@@{freedos.PARTITION_OFFSET}",
+            str(src),
+            f"::{freedos.file_name(slot)}",
+        ],
+        check=True,
+        env=freedos.mtools_env(),
+    )
 
 
 def test_test_disk_layout(disk: Path) -> None:
@@ -80,41 +90,44 @@ def _finished(image: Path, gens: range, tmp_path: Path) -> None:
 
 
 def test_snapshot_state_accepts_a_file_in_flight_mid_close(disk: Path, tmp_path: Path) -> None:
-    _stamp(disk, 0, RAW, 3)                                   # generation 3's raw writes done
-    _finished(disk, range(1, 3), tmp_path)                    # F1.DAT, F2.DAT done
+    _stamp(disk, 0, RAW, 3)  # generation 3's raw writes done
+    _finished(disk, range(1, 3), tmp_path)  # F1.DAT, F2.DAT done
     _dir_entry_before_fat(disk, freedos.file_slot(3), freedos.expected_file(3, KIB), tmp_path)
-    with pytest.raises(VmError, match="Fat problem"):        # mtools cannot read F0.DAT
+    with pytest.raises(VmError, match="Fat problem"):  # mtools cannot read F0.DAT
         freedos.fat_read(disk, "F0.DAT")
     assert checks.snapshot_state(disk, 3, 3, RAW, KIB) == []
 
 
-def test_snapshot_state_rejects_a_file_of_a_generation_not_begun(disk: Path,
-                                                                tmp_path: Path) -> None:
+def test_snapshot_state_rejects_a_file_of_a_generation_not_begun(
+    disk: Path, tmp_path: Path
+) -> None:
     _stamp(disk, 0, RAW, 2)
-    _stamp(disk, 0, 100, 3)                                   # inside generation 3's raw writes
+    _stamp(disk, 0, 100, 3)  # inside generation 3's raw writes
     _finished(disk, range(1, 3), tmp_path)
     _dir_entry_before_fat(disk, freedos.file_slot(3), freedos.expected_file(3, KIB), tmp_path)
     problems = checks.snapshot_state(disk, 3, 3, RAW, KIB)
-    assert problems == ["snapshot FAT: F0.DAT exists, but no generation wrote it "
-                        "(generations 1..2 finished)"]
+    assert problems == [
+        "snapshot FAT: F0.DAT exists, but no generation wrote it (generations 1..2 finished)"
+    ]
 
 
-def test_snapshot_files_rejects_finished_files_missing_or_stale(disk: Path,
-                                                              tmp_path: Path) -> None:
+def test_snapshot_files_rejects_finished_files_missing_or_stale(disk: Path, tmp_path: Path) -> None:
     _finished(disk, range(1, 3), tmp_path)
     assert checks.snapshot_files(disk, 2, 3, KIB) == []
     _put_file(disk, freedos.file_slot(2), freedos.expected_file(1, KIB), tmp_path)
     problems = checks.snapshot_files(disk, 2, 3, KIB)
-    assert problems == ["snapshot FAT: F2.DAT is not generation 2's content "
-                        "(generations 1..2 finished, 3's file in flight)"]
-    problems = checks.snapshot_files(disk, 3, None, KIB)     # gen 3 wrote F0.DAT: missing
+    assert problems == [
+        "snapshot FAT: F2.DAT is not generation 2's content "
+        "(generations 1..2 finished, 3's file in flight)"
+    ]
+    problems = checks.snapshot_files(disk, 3, None, KIB)  # gen 3 wrote F0.DAT: missing
     assert any("F0.DAT missing" in p for p in problems), problems
 
 
 def test_snapshot_state_accepts_a_state_mid_generation(disk: Path, tmp_path: Path) -> None:
     _finished(disk, range(1, 3), tmp_path)
     _stamp(disk, 0, RAW, 2)
-    _stamp(disk, 0, 100, 3)            # generation 3 in flight, ends inside chunk 1
+    _stamp(disk, 0, 100, 3)  # generation 3 in flight, ends inside chunk 1
     assert checks.snapshot_state(disk, 3, 3, RAW, KIB) == []
 
 
@@ -126,7 +139,7 @@ def test_snapshot_state_rejects_newer_generation(disk: Path) -> None:
 
 def test_snapshot_state_rejects_out_of_order_stamps(disk: Path) -> None:
     _stamp(disk, 0, RAW, 2)
-    _stamp(disk, 192, 64, 3)           # new data after old data, beyond one chunk
+    _stamp(disk, 192, 64, 3)  # new data after old data, beyond one chunk
     problems = checks.snapshot_state(disk, 3, 3, RAW, KIB)
     assert any("not a state the disk passed through" in p for p in problems)
 

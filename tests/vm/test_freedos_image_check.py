@@ -13,7 +13,8 @@ from vmtests.guests import freedos
 
 
 def test_default_image_is_checked_against_its_published_sha256(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     for var in ("SNAPIMG_FREEDOS_IMAGE", "SNAPIMG_FREEDOS_SHA256"):
         monkeypatch.delenv(var, raising=False)
     settings = config.load()
@@ -21,8 +22,9 @@ def test_default_image_is_checked_against_its_published_sha256(
     assert settings.freedos_sha256 == config.DEFAULT_FREEDOS_SHA256
 
 
-def test_an_image_with_another_sha256_is_refused(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_image_with_another_sha256_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     image = tmp_path / "not-freedos.img"
     image.write_bytes(bytes(1474560))
     monkeypatch.setenv("SNAPIMG_FREEDOS_IMAGE", str(image))
@@ -34,7 +36,8 @@ def test_an_image_with_another_sha256_is_refused(tmp_path: Path,
 
 
 def test_another_image_without_an_expected_sha256_is_not_checked(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SNAPIMG_FREEDOS_IMAGE", str(tmp_path / "mine.img"))
     monkeypatch.delenv("SNAPIMG_FREEDOS_SHA256", raising=False)
     assert config.load().freedos_sha256 is None

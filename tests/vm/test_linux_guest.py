@@ -30,9 +30,14 @@ def _report(outcome: scenario.Outcome) -> None:
 
 @pytest.mark.parametrize("controller", CONTROLLERS)
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_writer_then_backup_vm(driver: str, controller: str, rig_settings: config.Settings,
-                               request: pytest.FixtureRequest, vm_log_dir: Path,
-                               tmp_path: Path) -> None:
+def test_writer_then_backup_vm(
+    driver: str,
+    controller: str,
+    rig_settings: config.Settings,
+    request: pytest.FixtureRequest,
+    vm_log_dir: Path,
+    tmp_path: Path,
+) -> None:
     ctl = controllers.get(controller)
     if driver == "qemu":
         factory = scenario.qemu_factory(rig_settings, ctl, vm_log_dir)
@@ -40,19 +45,27 @@ def test_writer_then_backup_vm(driver: str, controller: str, rig_settings: confi
         daemon = request.getfixturevalue("libvirtd")
         factory = scenario.libvirt_factory(daemon, ctl, vm_log_dir, f"snapimg-{os.getpid()}")
     outcome = asyncio.run(
-        scenario.writer_and_backup_vm(rig_settings, factory, ctl, tmp_path, vm_log_dir))
+        scenario.writer_and_backup_vm(rig_settings, factory, ctl, tmp_path, vm_log_dir)
+    )
     _report(outcome)
     assert outcome.problems == []
     assert outcome.facts["guest_sha256"] == outcome.facts["host_sha256"]
     assert outcome.facts["files_verified"] == scenario.FILES
 
 
-def test_libvirt_pull_backup_verified_by_backup_vm(rig_settings: config.Settings,
-                                                   libvirtd: Libvirtd, vm_log_dir: Path,
-                                                   tmp_path: Path) -> None:
-    outcome = asyncio.run(scenario.libvirt_pull_backup(
-        rig_settings, libvirtd, controllers.get("lsi"), tmp_path, vm_log_dir,
-        f"snapimg-{os.getpid()}"))
+def test_libvirt_pull_backup_verified_by_backup_vm(
+    rig_settings: config.Settings, libvirtd: Libvirtd, vm_log_dir: Path, tmp_path: Path
+) -> None:
+    outcome = asyncio.run(
+        scenario.libvirt_pull_backup(
+            rig_settings,
+            libvirtd,
+            controllers.get("lsi"),
+            tmp_path,
+            vm_log_dir,
+            f"snapimg-{os.getpid()}",
+        )
+    )
     _report(outcome)
     assert outcome.problems == []
     assert outcome.facts["guest_sha256"] == outcome.facts["host_sha256"]

@@ -20,8 +20,12 @@ A1, A2, B1 = _h("a1"), _h("a2"), _h("b1")
 
 
 def test_consistent_state_passes() -> None:
-    manifest = [f"pending data/f1 {A1}", f"done data/f1 {A1}",
-                f"pending data/f2 {B1}", f"done data/f2 {B1}"]
+    manifest = [
+        f"pending data/f1 {A1}",
+        f"done data/f1 {A1}",
+        f"pending data/f2 {B1}",
+        f"done data/f2 {B1}",
+    ]
     verdict = linux_fs.verify(manifest, {"data/f1": A1, "data/f2": B1})
     assert (verdict.done_ops, verdict.files_checked, verdict.problems) == (2, 2, [])
 
@@ -40,8 +44,12 @@ def test_content_matching_no_line_fails() -> None:
 
 def test_stale_pending_is_not_accepted_after_done() -> None:
     # A2's operation completed: the old content A1 is no longer an allowed state
-    manifest = [f"pending data/f1 {A1}", f"done data/f1 {A1}",
-                f"pending data/f1 {A2}", f"done data/f1 {A2}"]
+    manifest = [
+        f"pending data/f1 {A1}",
+        f"done data/f1 {A1}",
+        f"pending data/f1 {A2}",
+        f"done data/f1 {A2}",
+    ]
     assert linux_fs.verify(manifest, {"data/f1": A1}).problems
 
 
@@ -53,8 +61,10 @@ def test_missing_done_file_and_unlisted_file_fail() -> None:
 
 
 def test_listing_ignores_a_torn_last_manifest_line() -> None:
-    text = (f"== manifest\npending data/f1 {A1}\ndone data/f1 {A1}\ndone data/f2 {B1[:20]}"
-            f"== files\n{A1}  data/f1\n")
+    text = (
+        f"== manifest\npending data/f1 {A1}\ndone data/f1 {A1}\ndone data/f2 {B1[:20]}"
+        f"== files\n{A1}  data/f1\n"
+    )
     manifest, files = linux_fs.parse_listing(text)
     assert manifest == [f"pending data/f1 {A1}", f"done data/f1 {A1}"]
     assert files == {"data/f1": A1}
@@ -62,8 +72,12 @@ def test_listing_ignores_a_torn_last_manifest_line() -> None:
 
 
 def test_cpio_archive_unpacks_with_gnu_cpio(tmp_path: Path) -> None:
-    entries = [cpio.directory("etc"), cpio.regular("etc/hello", b"hello\n", 0o600),
-               cpio.regular("odd", b"x" * 5), cpio.symlink("link", "etc/hello")]
+    entries = [
+        cpio.directory("etc"),
+        cpio.regular("etc/hello", b"hello\n", 0o600),
+        cpio.regular("odd", b"x" * 5),
+        cpio.symlink("link", "etc/hello"),
+    ]
     archive = tmp_path / "a.cpio"
     archive.write_bytes(cpio.archive(entries))
     out = tmp_path / "out"
@@ -77,6 +91,6 @@ def test_cpio_archive_unpacks_with_gnu_cpio(tmp_path: Path) -> None:
 
 def test_cpio_carries_no_timestamps() -> None:
     data = cpio.gzipped([cpio.directory("d"), cpio.regular("d/f", b"data")])
-    assert data[4:8] == b"\0\0\0\0"                      # gzip MTIME
+    assert data[4:8] == b"\0\0\0\0"  # gzip MTIME
     raw = cpio.archive([cpio.regular("f", b"data")])
-    assert raw[:6] == b"070701" and raw[6 + 5 * 8:6 + 6 * 8] == b"0" * 8   # newc mtime
+    assert raw[:6] == b"070701" and raw[6 + 5 * 8 : 6 + 6 * 8] == b"0" * 8  # newc mtime

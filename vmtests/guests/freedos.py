@@ -24,10 +24,10 @@ from vmtests.errors import VmError
 
 SOURCES = REPO / "images" / "freedos"
 SECTOR = 512
-PARTITION_OFFSET = 63 * SECTOR           # the FAT16 partition, for mtools: IMAGE@@32256
+PARTITION_OFFSET = 63 * SECTOR  # the FAT16 partition, for mtools: IMAGE@@32256
 MARKER = b"SNAPIMG-TESTDISK"
 MARKER_OFFSET = 0x100
-FILE_SLOTS = 3                           # the writer rewrites C:\F<gen % 3>.DAT
+FILE_SLOTS = 3  # the writer rewrites C:\F<gen % 3>.DAT
 STAMP_MAGIC = b"STMP"
 FILE_MAGIC = b"FDAT"
 RECORD = struct.Struct("<4sIII")
@@ -36,7 +36,7 @@ SCRAMBLE = 0xA5A5A5A5
 
 # Lines the guest prints.
 BOOTED = r"^SNAPIMG BOOTED"
-JOB_ENDED = r"^SNAPIMG JOB-ENDED"          # the job returned to DOS instead of ending QEMU
+JOB_ENDED = r"^SNAPIMG JOB-ENDED"  # the job returned to DOS instead of ending QEMU
 GEN_RAW = re.compile(r"^GEN (\d+) RAW")
 GEN_DONE = re.compile(r"^GEN (\d+) DONE")
 WRITER_DONE = r"^WRITER DONE"
@@ -45,10 +45,15 @@ READER_DONE = r"^READER DONE"
 READER_FAILED = r"^READER ERROR"
 SUM_LINE = re.compile(r"^SUM (\S+) (\d+) ([0-9a-f]{8})")
 # FreeDOS/FreeCOM on the screen (COM2 through SeaBIOS sercon) when something is wrong.
-SCREEN_FAILURES = (r"Bad command or file name", r"General failure", r"Abort, Retry",
-                   r"Bad or missing", r"Invalid drive")
-SERIAL_PORTS = ("com1", "screen")        # COM1: our programs; COM2: SeaBIOS copy of the screen
-CLEAN_EXIT = 1                           # isa-debug-exit with 0: QEMU status (0 << 1) | 1
+SCREEN_FAILURES = (
+    r"Bad command or file name",
+    r"General failure",
+    r"Abort, Retry",
+    r"Bad or missing",
+    r"Invalid drive",
+)
+SERIAL_PORTS = ("com1", "screen")  # COM1: our programs; COM2: SeaBIOS copy of the screen
+CLEAN_EXIT = 1  # isa-debug-exit with 0: QEMU status (0 << 1) | 1
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ def _inputs_key(image_sha256: str) -> str:
     for path in sorted(SOURCES.iterdir()):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(Path(__file__).read_bytes())      # prefill_raw_region and formats
+    digest.update(Path(__file__).read_bytes())  # prefill_raw_region and formats
     digest.update(image_sha256.encode())
     return digest.hexdigest()[:16]
 
@@ -82,22 +87,30 @@ def build(settings: Settings) -> Artifacts:
     """The boot floppy and the blank test disk, built once per set of inputs."""
     image = settings.freedos_image
     if not image.is_file():
-        raise UsageError(f"FreeDOS boot floppy not found: {image} (set SNAPIMG_FREEDOS_IMAGE; "
-                         "see docs/vmtests.md)")
+        raise UsageError(
+            f"FreeDOS boot floppy not found: {image} (set SNAPIMG_FREEDOS_IMAGE; "
+            "see docs/vmtests.md)"
+        )
     got = sha256_file(image)
     if settings.freedos_sha256 is not None and got != settings.freedos_sha256:
-        raise UsageError(f"FreeDOS boot floppy {image} has sha256 {got}, expected "
-                         f"{settings.freedos_sha256} (SNAPIMG_FREEDOS_SHA256)")
+        raise UsageError(
+            f"FreeDOS boot floppy {image} has sha256 {got}, expected "
+            f"{settings.freedos_sha256} (SNAPIMG_FREEDOS_SHA256)"
+        )
     out = settings.cache_dir / f"freedos-{_inputs_key(got)}"
     artifacts = Artifacts(out / "boot.img", out / "testdisk.img")
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     with (settings.cache_dir / ".freedos.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)   # parallel test workers build once
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test workers build once
         if not out.is_dir():
             staging = out.with_name(out.name + ".staging")
             shutil.rmtree(staging, ignore_errors=True)
-            result = subprocess.run(["bash", str(SOURCES / "build.sh"), str(image), str(staging)],
-                                    capture_output=True, text=True, timeout=120)
+            result = subprocess.run(
+                ["bash", str(SOURCES / "build.sh"), str(image), str(staging)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if result.returncode != 0:
                 raise VmError(f"building FreeDOS images failed: {result.stderr.strip()}")
             prefill_raw_region(staging / "testdisk.img")
@@ -122,8 +135,13 @@ def make_floppy(artifacts: Artifacts, dest: Path, job: Sequence[str]) -> Path:
     job_file = dest.with_suffix(".bat")
     job_file.write_bytes("".join(line + "\r\n" for line in job).encode("ascii"))
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
-    subprocess.run(["mcopy", "-o", "-i", str(dest), str(job_file), "::JOB.BAT"],
-                   check=True, capture_output=True, env=env, timeout=30)
+    subprocess.run(
+        ["mcopy", "-o", "-i", str(dest), str(job_file), "::JOB.BAT"],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=30,
+    )
     return dest
 
 
@@ -131,8 +149,12 @@ def guest_args(run_dir: Path) -> list[str]:
     """QEMU arguments every FreeDOS guest needs: sercon on COM2, isa-debug-exit."""
     sercon = run_dir / "sercon-port.bin"
     sercon.write_bytes(struct.pack("<H", 0x2F8))
-    return ["-fw_cfg", f"name=etc/sercon-port,file={sercon}",
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+    return [
+        "-fw_cfg",
+        f"name=etc/sercon-port,file={sercon}",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ]
 
 
 def writer_job(first: int, last: int, raw_sectors: int, file_kib: int) -> str:
@@ -153,6 +175,7 @@ def file_name(slot: int) -> str:
 
 # ---- what the writer leaves on a disk ---------------------------------------------------
 
+
 def read_marker(image: Path) -> tuple[int, int]:
     """(first LBA, sector count) of the raw region, from the marker in sector 0."""
     with image.open("rb") as f:
@@ -161,7 +184,7 @@ def read_marker(image: Path) -> tuple[int, int]:
 
 
 def parse_marker(sector0: bytes) -> tuple[int, int]:
-    marker = sector0[MARKER_OFFSET:MARKER_OFFSET + len(MARKER)]
+    marker = sector0[MARKER_OFFSET : MARKER_OFFSET + len(MARKER)]
     if marker != MARKER:
         raise VmError("sector 0 carries no SNAPIMG-TESTDISK marker")
     start, count = struct.unpack_from("<II", sector0, MARKER_OFFSET + len(MARKER))
@@ -189,7 +212,7 @@ def sector_generation(data: bytes, magic: bytes, index: int) -> int:
     stamp); TornSector otherwise."""
     if data == bytes(SECTOR):
         return 0
-    first = data[:RECORD.size]
+    first = data[: RECORD.size]
     got_magic, got_index, gen, check = RECORD.unpack(first)
     if got_magic != magic or got_index != index or check != index ^ gen ^ SCRAMBLE:
         raise TornSector(f"sector {index}: not a {magic.decode()} stamp: {first.hex()}")
@@ -207,7 +230,7 @@ def stamp_generations(image: Path, start: int, count: int) -> list[int]:
     if len(data) != count * SECTOR:
         raise VmError(f"{image}: raw region beyond the end of the image")
     for i in range(count):
-        gens.append(sector_generation(data[i * SECTOR:(i + 1) * SECTOR], STAMP_MAGIC, start + i))
+        gens.append(sector_generation(data[i * SECTOR : (i + 1) * SECTOR], STAMP_MAGIC, start + i))
     return gens
 
 
@@ -215,8 +238,10 @@ def file_generation(data: bytes) -> int:
     """The one generation a whole writer file holds; VmError if it mixes or is damaged."""
     if not data or len(data) % SECTOR:
         raise VmError(f"writer file of {len(data)} bytes (not whole sectors)")
-    gens = {sector_generation(data[i * SECTOR:(i + 1) * SECTOR], FILE_MAGIC, i)
-            for i in range(len(data) // SECTOR)}
+    gens = {
+        sector_generation(data[i * SECTOR : (i + 1) * SECTOR], FILE_MAGIC, i)
+        for i in range(len(data) // SECTOR)
+    }
     if len(gens) != 1 or 0 in gens:
         raise VmError(f"writer file mixes generations {sorted(gens)}")
     return gens.pop()
@@ -228,17 +253,27 @@ def mtools_env() -> dict[str, str]:
 
 def fat_list(image: Path) -> list[str]:
     """Names of the files in the FAT16 partition's root directory (mdir must succeed)."""
-    result = subprocess.run(["mdir", "-b", "-i", f"{image}@@{PARTITION_OFFSET}", "::"],
-                            capture_output=True, text=True, env=mtools_env(), timeout=30)
+    result = subprocess.run(
+        ["mdir", "-b", "-i", f"{image}@@{PARTITION_OFFSET}", "::"],
+        capture_output=True,
+        text=True,
+        env=mtools_env(),
+        timeout=30,
+    )
     if result.returncode != 0:
         raise VmError(f"mdir {image}: {result.stderr.strip()}")
-    return sorted(line.strip().split("/")[-1].upper()
-                  for line in result.stdout.splitlines() if line.strip())
+    return sorted(
+        line.strip().split("/")[-1].upper() for line in result.stdout.splitlines() if line.strip()
+    )
 
 
 def fat_read(image: Path, name: str) -> bytes:
-    result = subprocess.run(["mcopy", "-n", "-i", f"{image}@@{PARTITION_OFFSET}", f"::{name}",
-                             "-"], capture_output=True, env=mtools_env(), timeout=30)
+    result = subprocess.run(
+        ["mcopy", "-n", "-i", f"{image}@@{PARTITION_OFFSET}", f"::{name}", "-"],
+        capture_output=True,
+        env=mtools_env(),
+        timeout=30,
+    )
     if result.returncode != 0:
         raise VmError(f"mcopy {name} from {image}: {result.stderr.decode().strip()}")
     return result.stdout

@@ -47,13 +47,18 @@ def build_image(settings: Settings) -> LinuxImage:
     """Build (or reuse) the guest image with images/linux/build.py."""
     cache = settings.cache_dir / "linux"
     cache.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, str(BUILD_SCRIPT), "--cache", str(cache), "--json"],
-                          capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), "--cache", str(cache), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+    )
     if proc.returncode != 0:
         raise VmError(f"Linux guest build failed: {proc.stderr.strip()[-400:]}")
     info = json.loads(proc.stdout)
-    return LinuxImage(Path(info["kernel"]), Path(info["initrd"]), info["cmdline"],
-                      info["kernel_version"])
+    return LinuxImage(
+        Path(info["kernel"]), Path(info["initrd"]), info["cmdline"], info["kernel_version"]
+    )
 
 
 def free_port() -> int:
@@ -75,41 +80,70 @@ class BootFiles:
     agent_socket: Path  # host side of the qemu-guest-agent channel (QEMU driver)
 
     @classmethod
-    def make(cls, image: LinuxImage, run_dir: Path, name: str,
-             module_groups: Sequence[str] = ()) -> BootFiles:
+    def make(
+        cls, image: LinuxImage, run_dir: Path, name: str, module_groups: Sequence[str] = ()
+    ) -> BootFiles:
         """``module_groups``: what /init loads besides networking (default: every group)."""
         host_key, client_key = HostKey.generate(), ClientKey.generate()
-        overlay = cpio.gzipped([
-            cpio.regular("etc/dropbear/dropbear_ed25519_host_key", host_key.dropbear_file(),
-                         0o600),
-            cpio.regular("root/.ssh/authorized_keys", client_key.authorized_line.encode(),
-                         0o600),
-        ])
+        overlay = cpio.gzipped(
+            [
+                cpio.regular(
+                    "etc/dropbear/dropbear_ed25519_host_key", host_key.dropbear_file(), 0o600
+                ),
+                cpio.regular(
+                    "root/.ssh/authorized_keys", client_key.authorized_line.encode(), 0o600
+                ),
+            ]
+        )
         initrd = run_dir / f"{name}-initrd.gz"
         initrd.write_bytes(image.initrd.read_bytes() + overlay)
         cmdline = image.cmdline
         if module_groups:
             cmdline += " snapimg.load=" + ",".join(module_groups)
-        return cls(image.kernel, initrd, cmdline, host_key, client_key, free_port(),
-                   run_dir / f"{name}-qga.sock")
+        return cls(
+            image.kernel,
+            initrd,
+            cmdline,
+            host_key,
+            client_key,
+            free_port(),
+            run_dir / f"{name}-qga.sock",
+        )
 
     def netdev(self) -> str:
         return f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"
 
     def qemu_args(self) -> list[str]:
         """Direct kernel boot, user networking with the SSH forward, exit on reboot/panic."""
-        return ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
-                "-append", self.cmdline, "-no-reboot",
-                "-netdev", self.netdev(), "-device", "virtio-net-pci,netdev=net0",
-                # entropy: dropbear waits for the kernel CRNG, which is slow to seed under TCG
-                "-device", "virtio-rng-pci", *self.agent_args()]
+        return [
+            "-kernel",
+            str(self.kernel),
+            "-initrd",
+            str(self.initrd),
+            "-append",
+            self.cmdline,
+            "-no-reboot",
+            "-netdev",
+            self.netdev(),
+            "-device",
+            "virtio-net-pci,netdev=net0",
+            # entropy: dropbear waits for the kernel CRNG, which is slow to seed under TCG
+            "-device",
+            "virtio-rng-pci",
+            *self.agent_args(),
+        ]
 
     def agent_args(self) -> list[str]:
         """The guest agent's channel: a virtio-serial port named org.qemu.guest_agent.0 whose
         host side is the unix socket ``agent_socket`` (what ``snapimg ... --qga`` takes)."""
-        return ["-chardev", f"socket,path={self.agent_socket},server=on,wait=off,id=qga0",
-                "-device", "virtio-serial-pci,id=vser0",
-                "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
+        return [
+            "-chardev",
+            f"socket,path={self.agent_socket},server=on,wait=off,id=qga0",
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-device",
+            "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]
 
 
 class GuestVm(Protocol):
@@ -171,33 +205,46 @@ class LinuxGuest:
             if remaining <= 0:
                 raise VmError(f"{self.vm.name}: no SSH login within {timeout:g}s")
             self._ssh = await asyncio.to_thread(
-                SshSession.try_connect, self.boot_files.ssh_port, self.boot_files.client_key,
-                self.boot_files.host_key, timeout=min(5.0, remaining), log_file=self.log_file)
+                SshSession.try_connect,
+                self.boot_files.ssh_port,
+                self.boot_files.client_key,
+                self.boot_files.host_key,
+                timeout=min(5.0, remaining),
+                log_file=self.log_file,
+            )
             if self._ssh is None:
                 await asyncio.sleep(0.2)
         # SSH answers before /init has loaded the storage and filesystem drivers
-        await self.run("while [ ! -e /run/snapimg-ready ]; do sleep 0.05; done",
-                       timeout=max(1.0, deadline - time.monotonic()))
+        await self.run(
+            "while [ ! -e /run/snapimg-ready ]; do sleep 0.05; done",
+            timeout=max(1.0, deadline - time.monotonic()),
+        )
         return time.monotonic() - began
 
     async def refuses_other_host_key(self) -> bool:
         """True when a login that pins some other host key is refused (the pin is enforced)."""
         try:
             session = await asyncio.to_thread(
-                SshSession.try_connect, self.boot_files.ssh_port, self.boot_files.client_key,
-                HostKey.generate(), timeout=10.0)
+                SshSession.try_connect,
+                self.boot_files.ssh_port,
+                self.boot_files.client_key,
+                HostKey.generate(),
+                timeout=10.0,
+            )
         except HostKeyMismatch:
             return True
         if session is not None:
             session.close()
         return False
 
-    async def run(self, command: str, *, timeout: float, stdin: bytes | None = None,
-                  check: bool = True) -> Result:
+    async def run(
+        self, command: str, *, timeout: float, stdin: bytes | None = None, check: bool = True
+    ) -> Result:
         if self._ssh is None:
             raise VmError(f"{self.vm.name}: not booted")
-        return await asyncio.to_thread(self._ssh.run, command, timeout=timeout, stdin=stdin,
-                                       check=check)
+        return await asyncio.to_thread(
+            self._ssh.run, command, timeout=timeout, stdin=stdin, check=check
+        )
 
     async def close(self) -> None:
         """Drop the SSH session and stop the VM (callers sync or unmount first)."""

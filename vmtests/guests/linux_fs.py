@@ -36,7 +36,9 @@ find_disk() {
 
 
 def writer_script(files: int) -> str:
-    return FIND_DISK + f"""
+    return (
+        FIND_DISK
+        + f"""
 set -e
 # replaced, never rewritten in place: a reader must not see it empty
 report() {{ echo "$1" >/tmp/progress.new; mv /tmp/progress.new /tmp/progress; }}
@@ -66,12 +68,15 @@ umount {MOUNT}
 trap - EXIT
 report stopped
 """
+    )
 
 
 # Run in the backup VM on the snapshot: device hash first (before anything writes), then fsck.
 HASH_DEVICE = FIND_DISK + 'dev=$(find_disk); sha256sum "$dev" | cut -d" " -f1'
 FSCK = FIND_DISK + 'dev=$(find_disk); e2fsck -fy "$dev"'
-MOUNT_AND_LIST = FIND_DISK + f"""
+MOUNT_AND_LIST = (
+    FIND_DISK
+    + f"""
 set -e
 dev=$(find_disk)
 mount -t ext4 "$dev" {MOUNT}
@@ -81,19 +86,24 @@ cat manifest
 echo "== files"
 for f in data/*; do [ -e "$f" ] && sha256sum "$f"; done
 """
+)
 
 # A quiesced snapshot in the backup VM: the device is made read-only in the kernel first, so
 # neither e2fsck -n nor the ro mount can replay a journal (ext4 refuses to mount a filesystem
 # that needs recovery from a read-only device); the listing is MOUNT_AND_LIST's.
-READ_ONLY_FSCK = FIND_DISK + """
+READ_ONLY_FSCK = (
+    FIND_DISK
+    + """
 dev=$(find_disk)
 blockdev --setro "$dev"
 [ "$(blockdev --getro "$dev")" = 1 ] || { echo "cannot make $dev read-only" >&2; exit 99; }
 e2fsck -fn "$dev"
 """
+)
 READ_ONLY_MOUNT_AND_LIST = MOUNT_AND_LIST.replace(
-    'mount -t ext4 "$dev"', '[ "$(blockdev --getro "$dev")" = 1 ] || exit 99\n'
-    'mount -t ext4 -o ro "$dev"')
+    'mount -t ext4 "$dev"',
+    '[ "$(blockdev --getro "$dev")" = 1 ] || exit 99\nmount -t ext4 -o ro "$dev"',
+)
 
 E2FSCK_UNCORRECTED = 4  # exit status bit: errors left uncorrected (8 and up: fsck failed)
 
@@ -146,6 +156,8 @@ def verify(manifest: list[str], files: dict[str, str]) -> Verdict:
         if not allowed:
             verdict.problems.append(f"{name}: exists but the manifest never lists it")
         elif actual not in allowed:
-            verdict.problems.append(f"{name}: sha256 {actual[:12]} matches neither "
-                                    f"the last done nor the in-flight content")
+            verdict.problems.append(
+                f"{name}: sha256 {actual[:12]} matches neither "
+                f"the last done nor the in-flight content"
+            )
     return verdict

@@ -24,8 +24,8 @@ from vmtests.server import nbd_copy
 NAME = "attach-to-backup-vm"
 RAW_SECTORS = 256
 FILE_KIB = 128
-BEFORE = (1, 3)        # generations in the snapshot
-AFTER = (4, 6)         # generations written while the backup VM reads
+BEFORE = (1, 3)  # generations in the snapshot
+AFTER = (4, 6)  # generations written while the backup VM reads
 
 
 def _export_of(uri: str) -> tuple[str, str]:
@@ -57,8 +57,10 @@ async def _read_backup(rig: Rig, snap_uri: str) -> tuple[dict[str, str], float]:
     socket, export = _export_of(snap_uri)
     scratch = rig.workdir / "scratch.img"
     shutil.copyfile(rig.artifacts.test_disk, scratch)
-    disks = [DiskSpec.raw_file("scratch", scratch),
-             DiskSpec.nbd_unix("backup", Path(socket), export, read_only=True)]
+    disks = [
+        DiskSpec.raw_file("scratch", scratch),
+        DiskSpec.nbd_unix("backup", Path(socket), export, read_only=True),
+    ]
     names = [freedos.file_name(slot) for slot in range(freedos.FILE_SLOTS)]
     job = [freedos.reader_job([f"D:\\{n}" for n in names])]
     machine = rig.machine("backupvm", job, disks=disks)
@@ -67,8 +69,12 @@ async def _read_backup(rig: Rig, snap_uri: str) -> tuple[dict[str, str], float]:
         boot_seconds = await boot(machine)
         for _ in names:
             match = await machine.console.expect(
-                [freedos.SUM_LINE], [freedos.READER_FAILED, freedos.JOB_ENDED], timeout=120,
-                phase="reading the backup", watch={"screen": freedos.SCREEN_FAILURES})
+                [freedos.SUM_LINE],
+                [freedos.READER_FAILED, freedos.JOB_ENDED],
+                timeout=120,
+                phase="reading the backup",
+                watch={"screen": freedos.SCREEN_FAILURES},
+            )
             path, size, crc = match.group(1), int(match.group(2)), match.group(3)
             sums[path.split("\\")[-1].upper()] = crc
             if size != FILE_KIB * 1024:
@@ -88,7 +94,7 @@ async def run(rig: Rig) -> Result:
     try:
         (sums, boot_seconds), _ = await asyncio.gather(reader, writer)
     except BaseException:
-        for task in (reader, writer):   # one VM failed: stop the other one too
+        for task in (reader, writer):  # one VM failed: stop the other one too
             task.cancel()
         await asyncio.gather(reader, writer, return_exceptions=True)
         raise

@@ -20,10 +20,10 @@ from vmtests.server import nbd_copy, nbd_sha256
 
 NAME = "backup-during-writes"
 FIRST_GEN, LAST_GEN = 1, 5
-RAW_SECTORS = 2048            # 1 MiB of stamped sectors per generation
-FILE_KIB = 128                # plus one 128 KiB file: 4.5 MiB written after the snapshot
-PAUSE_AT_GEN = 2              # pause once the writer starts this generation
-COPY_RATE = 2 << 20           # bytes/s for qemu-img convert -r: about 4 s for the test disk
+RAW_SECTORS = 2048  # 1 MiB of stamped sectors per generation
+FILE_KIB = 128  # plus one 128 KiB file: 4.5 MiB written after the snapshot
+PAUSE_AT_GEN = 2  # pause once the writer starts this generation
+COPY_RATE = 2 << 20  # bytes/s for qemu-img convert -r: about 4 s for the test disk
 
 
 async def run(rig: Rig) -> Result:
@@ -32,16 +32,26 @@ async def run(rig: Rig) -> Result:
     machine = rig.machine("writer", job)
     try:
         result.facts["boot_seconds"] = round(await boot(machine), 2)
-        await expect_line(machine, rf"^GEN {PAUSE_AT_GEN} RAW", freedos.WRITER_FAILED, 120,
-                          "writing before the pause")
+        await expect_line(
+            machine,
+            rf"^GEN {PAUSE_AT_GEN} RAW",
+            freedos.WRITER_FAILED,
+            120,
+            "writing before the pause",
+        )
         await machine.execute("stop")
         recorded = await nbd_sha256(rig.server.uri(EXPORT))
         snap_uri = await rig.server.snapshot_create(EXPORT, "backup")
         await machine.execute("cont")
         # Copy once the guest has rewritten the whole raw region after the snapshot, and go
         # on copying (rate-limited) while it keeps rewriting it.
-        await expect_line(machine, rf"^GEN {PAUSE_AT_GEN + 1} RAW", freedos.WRITER_FAILED,
-                          120, "rewriting after the snapshot")
+        await expect_line(
+            machine,
+            rf"^GEN {PAUSE_AT_GEN + 1} RAW",
+            freedos.WRITER_FAILED,
+            120,
+            "rewriting after the snapshot",
+        )
         result.facts["copy_started_after"] = machine.console.lines()[-1]
 
         copy = rig.workdir / "backup.img"
@@ -52,11 +62,14 @@ async def run(rig: Rig) -> Result:
 
         result.facts["recorded_sha256"] = recorded
         result.facts["copy_sha256"] = await asyncio.to_thread(freedos.sha256_file, copy)
-        result.check(result.facts["copy_sha256"] == recorded,
-                     "the backup copy differs from the origin at snapshot time")
+        result.check(
+            result.facts["copy_sha256"] == recorded,
+            "the backup copy differs from the origin at snapshot time",
+        )
         await finish(machine, freedos.WRITER_DONE, freedos.WRITER_FAILED, 300)
-        result.facts["timeline"] = [f"{t - began:+.2f} {line}"
-                                    for t, line in machine.console.timed_lines()]
+        result.facts["timeline"] = [
+            f"{t - began:+.2f} {line}" for t, line in machine.console.timed_lines()
+        ]
     finally:
         await machine.close()
 

@@ -53,14 +53,22 @@ class Rig:
     def floppy(self, name: str, job: Sequence[str]) -> Path:
         return freedos.make_floppy(self.artifacts, self.workdir / f"{name}-floppy.img", job)
 
-    def machine(self, name: str, job: Sequence[str], disks: Sequence[DiskSpec] | None = None,
-                controller: Controller | None = None) -> Machine:
+    def machine(
+        self,
+        name: str,
+        job: Sequence[str],
+        disks: Sequence[DiskSpec] | None = None,
+        controller: Controller | None = None,
+    ) -> Machine:
         """A FreeDOS guest running ``job``; by default its one hard disk is the origin export."""
         if disks is None:
             disks = [DiskSpec.nbd_unix("origin", self.server.socket, EXPORT)]
         return Machine(
-            name=name, settings=self.settings, log_dir=self.log_dir,
-            controller=controller or self.controller, disks=disks,
+            name=name,
+            settings=self.settings,
+            log_dir=self.log_dir,
+            controller=controller or self.controller,
+            disks=disks,
             serial_ports=freedos.SERIAL_PORTS,
             extra_args=freedos.guest_args(self.workdir),
             floppy=self.floppy(name, job),
@@ -71,17 +79,26 @@ async def boot(machine: Machine) -> float:
     """Start a FreeDOS machine and wait for AUTOEXEC; seconds from launch to the boot line."""
     began = time.monotonic()
     await machine.start()
-    await machine.console.expect([freedos.BOOTED], timeout=BOOT_TIMEOUT, phase="boot",
-                                 watch={"screen": freedos.SCREEN_FAILURES})
+    await machine.console.expect(
+        [freedos.BOOTED],
+        timeout=BOOT_TIMEOUT,
+        phase="boot",
+        watch={"screen": freedos.SCREEN_FAILURES},
+    )
     return time.monotonic() - began
 
 
-async def expect_line(machine: Machine, success: str, failure: str, timeout: float,
-                      phase: str) -> str:
+async def expect_line(
+    machine: Machine, success: str, failure: str, timeout: float, phase: str
+) -> str:
     """Wait for a COM1 line of the running job; a DOS error on screen fails it too."""
     match = await machine.console.expect(
-        [success], [failure, freedos.JOB_ENDED], timeout=timeout, phase=phase,
-        watch={"screen": freedos.SCREEN_FAILURES})
+        [success],
+        [failure, freedos.JOB_ENDED],
+        timeout=timeout,
+        phase=phase,
+        watch={"screen": freedos.SCREEN_FAILURES},
+    )
     return match.string
 
 
@@ -90,14 +107,21 @@ async def finish(machine: Machine, done: str, failure: str, timeout: float) -> N
     await expect_line(machine, done, failure, timeout, "workload")
     status = await machine.wait_exit(timeout=30)
     if status != freedos.CLEAN_EXIT:
-        raise VmError(f"{machine.name}: QEMU exit status {status}, "
-                      f"expected {freedos.CLEAN_EXIT} (clean isa-debug-exit)")
+        raise VmError(
+            f"{machine.name}: QEMU exit status {status}, "
+            f"expected {freedos.CLEAN_EXIT} (clean isa-debug-exit)"
+        )
 
 
 @asynccontextmanager
-async def open_rig(settings: Settings, controller: Controller, workdir: Path, log_dir: Path,
-                   backend: str = "native",
-                   server_factory: ServerFactory = SnapimgServer) -> AsyncIterator[Rig]:
+async def open_rig(
+    settings: Settings,
+    controller: Controller,
+    workdir: Path,
+    log_dir: Path,
+    backend: str = "native",
+    server_factory: ServerFactory = SnapimgServer,
+) -> AsyncIterator[Rig]:
     """Build the guest images, copy the blank test disk and serve it with snapimg
     (``snapimg serve --backend BACKEND``)."""
     if reason := settings.accel_unusable():

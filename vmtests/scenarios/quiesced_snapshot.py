@@ -65,17 +65,17 @@ from vmtests.server import SnapimgServer, nbd_copy, nbd_sha256
 NAME = "quiesced-snapshot"
 CRASH_SNAPSHOTS = 3
 QUIESCED_SNAPSHOTS = 3
-OPS_BETWEEN = 2            # writer operations completed between two snapshots
-AGENT_TIMEOUT = 30.0       # the rig's own status questions to the agent
-KILL_WAIT = 120.0          # until the held create request arrives (the guest is frozen)
+OPS_BETWEEN = 2  # writer operations completed between two snapshots
+AGENT_TIMEOUT = 30.0  # the rig's own status questions to the agent
+KILL_WAIT = 120.0  # until the held create request arrives (the guest is frozen)
 
 
 @dataclass(frozen=True)
 class Agent:
     """How snapimg reaches the writer's guest agent, and the agent's freeze state."""
 
-    options: list[str]                           # --qga SOCKET | --libvirt DOMAIN
-    status: Callable[[], Awaitable[str]]         # "thawed" | "frozen", asked of the agent
+    options: list[str]  # --qga SOCKET | --libvirt DOMAIN
+    status: Callable[[], Awaitable[str]]  # "thawed" | "frozen", asked of the agent
 
 
 def agent_of(guest: LinuxGuest) -> Agent:
@@ -106,9 +106,15 @@ def agent_of(guest: LinuxGuest) -> Agent:
 def second_monitor(workdir: Path) -> Callable[[str], list[str]]:
     """QEMU arguments for a second QMP monitor (the rig holds the first): ``snapimg attach``
     connects there."""
+
     def args(name: str) -> list[str]:
-        return ["-chardev", f"socket,id=qmp2,path={monitor_path(workdir, name)},server=on,"
-                "wait=off", "-mon", "chardev=qmp2,mode=control"]
+        return [
+            "-chardev",
+            f"socket,id=qmp2,path={monitor_path(workdir, name)},server=on,wait=off",
+            "-mon",
+            "chardev=qmp2,mode=control",
+        ]
+
     return args
 
 
@@ -117,6 +123,7 @@ def monitor_path(workdir: Path, name: str) -> Path:
 
 
 # ---- host-side checks of a copy --------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ImageCheck:
@@ -130,8 +137,12 @@ class ImageCheck:
         exits 0 on a filesystem that needs recovery too: it prints "skipping journal recovery"
         and declines to fix the free counts, which are no errors.)"""
         text = self.e2fsck_output.lower()
-        return (not self.needs_recovery and self.e2fsck_status == 0
-                and "journal" not in text and "recovery" not in text)
+        return (
+            not self.needs_recovery
+            and self.e2fsck_status == 0
+            and "journal" not in text
+            and "recovery" not in text
+        )
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -141,13 +152,15 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 async def check_image(image: Path) -> ImageCheck:
     """``dumpe2fs -h`` (is ``needs_recovery`` among the features?) and ``e2fsck -fn``."""
     dump = await asyncio.to_thread(_run, ["dumpe2fs", "-h", str(image)])
-    features = next((line for line in dump.stdout.splitlines()
-                     if line.startswith("Filesystem features:")), None)
+    features = next(
+        (line for line in dump.stdout.splitlines() if line.startswith("Filesystem features:")), None
+    )
     if features is None:
         raise VmError(f"dumpe2fs -h {image.name} shows no features: {dump.stderr.strip()}")
     fsck = await asyncio.to_thread(_run, ["e2fsck", "-fn", str(image)])
-    return ImageCheck("needs_recovery" in features.split(), fsck.returncode,
-                      fsck.stdout + fsck.stderr)
+    return ImageCheck(
+        "needs_recovery" in features.split(), fsck.returncode, fsck.stdout + fsck.stderr
+    )
 
 
 async def check_export(uri: str, copy: Path) -> ImageCheck:
@@ -159,32 +172,52 @@ async def check_export(uri: str, copy: Path) -> ImageCheck:
 
 
 def _describe(check: ImageCheck) -> str:
-    return (f"needs_recovery={check.needs_recovery}, e2fsck -fn exit {check.e2fsck_status}: "
-            f"{check.e2fsck_output.strip()[-160:]!r}")
+    return (
+        f"needs_recovery={check.needs_recovery}, e2fsck -fn exit {check.e2fsck_status}: "
+        f"{check.e2fsck_output.strip()[-160:]!r}"
+    )
 
 
 # ---- the scenario -----------------------------------------------------------------------------
 
+
 @contextlib.asynccontextmanager
-async def running_writer(server: SnapimgServer, factory: VmFactory, controller: Controller,
-                         settings: Settings, workdir: Path, log_dir: Path, outcome: Outcome,
-                         ops: int) -> AsyncIterator[tuple[LinuxGuest, Agent]]:
+async def running_writer(
+    server: SnapimgServer,
+    factory: VmFactory,
+    controller: Controller,
+    settings: Settings,
+    workdir: Path,
+    log_dir: Path,
+    outcome: Outcome,
+    ops: int,
+) -> AsyncIterator[tuple[LinuxGuest, Agent]]:
     """The writer VM on ``server``'s export ``origin``, its workload ``ops`` operations in."""
-    async with booted(factory, controller, "writer", NbdDisk(server.socket, "origin"),
-                      settings, workdir, log_dir, outcome) as writer:
+    async with booted(
+        factory,
+        controller,
+        "writer",
+        NbdDisk(server.socket, "origin"),
+        settings,
+        workdir,
+        log_dir,
+        outcome,
+    ) as writer:
         await start_writer(writer)
         await wait_progress(writer, ops)
         yield writer, agent_of(writer)
 
 
-async def quiesced_snapshot(settings: Settings, factory: VmFactory, controller: Controller,
-                            workdir: Path, log_dir: Path) -> Outcome:
+async def quiesced_snapshot(
+    settings: Settings, factory: VmFactory, controller: Controller, workdir: Path, log_dir: Path
+) -> Outcome:
     outcome = Outcome()
     origin = workdir / "origin.img"
     make_origin(origin)
     async with SnapimgServer(settings, {"origin": origin}, log_dir) as server:
-        async with running_writer(server, factory, controller, settings, workdir, log_dir,
-                                  outcome, OPS_BEFORE_SNAPSHOT) as (writer, agent):
+        async with running_writer(
+            server, factory, controller, settings, workdir, log_dir, outcome, OPS_BEFORE_SNAPSHOT
+        ) as (writer, agent):
             await crash_consistent_control(server, writer, workdir, outcome)
             kept = await quiesced_snapshots(server, writer, agent, workdir, outcome)
             await check_listing(server, outcome)
@@ -194,17 +227,28 @@ async def quiesced_snapshot(settings: Settings, factory: VmFactory, controller: 
             await stop_writer(writer)
         uri = server.uri("origin@q0")
         snapshot_sha = await nbd_sha256(uri)
-        async with booted(factory, controller, "backup", NbdDisk(server.socket, "origin@q0"),
-                          settings, workdir, log_dir, outcome) as backup:
+        async with booted(
+            factory,
+            controller,
+            "backup",
+            NbdDisk(server.socket, "origin@q0"),
+            settings,
+            workdir,
+            log_dir,
+            outcome,
+        ) as backup:
             await check_read_only_in_backup_vm(backup, snapshot_sha, *kept, outcome)
-        outcome.check(await nbd_sha256(uri) == snapshot_sha,
-                      "the backup VM changed the quiesced snapshot (a journal replay?)")
+        outcome.check(
+            await nbd_sha256(uri) == snapshot_sha,
+            "the backup VM changed the quiesced snapshot (a journal replay?)",
+        )
     await check_origin_clean(origin, outcome)
     return outcome
 
 
-async def crash_consistent_control(server: SnapimgServer, writer: LinuxGuest, workdir: Path,
-                                   outcome: Outcome) -> None:
+async def crash_consistent_control(
+    server: SnapimgServer, writer: LinuxGuest, workdir: Path, outcome: Outcome
+) -> None:
     flagged = unclean = 0
     for i in range(CRASH_SNAPSHOTS):
         uri = await server.snapshot_create("origin", f"crash{i}")
@@ -220,8 +264,9 @@ async def crash_consistent_control(server: SnapimgServer, writer: LinuxGuest, wo
     outcome.check(flagged > 0, "no snapshot taken without --quiesce needed a journal recovery")
 
 
-async def quiesced_snapshots(server: SnapimgServer, writer: LinuxGuest, agent: Agent,
-                             workdir: Path, outcome: Outcome) -> tuple[int, int]:
+async def quiesced_snapshots(
+    server: SnapimgServer, writer: LinuxGuest, agent: Agent, workdir: Path, outcome: Outcome
+) -> tuple[int, int]:
     """Take them; (ops before, ops after) the first one, which is kept for the backup VM."""
     flagged = 0
     kept = (0, 0)
@@ -229,12 +274,13 @@ async def quiesced_snapshots(server: SnapimgServer, writer: LinuxGuest, agent: A
         before = await progress(writer)
         # writable: only so that the backup VM's disk can sit on IDE and libvirt; the backup
         # VM makes the device read-only in its kernel before touching it
-        uri = await server.snapshot_create("origin", f"q{i}", writable=True,
-                                           options=["--quiesce", *agent.options])
+        uri = await server.snapshot_create(
+            "origin", f"q{i}", writable=True, options=["--quiesce", *agent.options]
+        )
         after = await progress(writer)
         status = await agent.status()
         outcome.check(status == "thawed", f"q{i}: the agent reports {status!r} after snapimg")
-        await wait_progress(writer, after + OPS_BETWEEN)   # the writer goes on after the thaw
+        await wait_progress(writer, after + OPS_BETWEEN)  # the writer goes on after the thaw
         check = await check_export(uri, workdir / f"q{i}.img")
         flagged += check.needs_recovery
         outcome.check(check.clean, f"quiesced snapshot q{i} is not clean: {_describe(check)}")
@@ -250,26 +296,35 @@ async def check_listing(server: SnapimgServer, outcome: Outcome) -> None:
     rows = {row["name"]: row for row in await server.snapshot_list()}
     quiesced, crash = rows.get("origin@q0", {}), rows.get("origin@crash0", {})
     outcome.facts["q0_frozen_ms"] = quiesced.get("frozen_ms")
-    outcome.check(quiesced.get("quiesced") is True and isinstance(quiesced.get("frozen_ms"), int)
-                  and quiesced["frozen_ms"] > 0,
-                  f"snapshot list --json for origin@q0: {quiesced}")
-    outcome.check(crash.get("quiesced") is False and crash.get("frozen_ms") is None
-                  and "frozen_ms" in crash, f"snapshot list --json for origin@crash0: {crash}")
+    outcome.check(
+        quiesced.get("quiesced") is True
+        and isinstance(quiesced.get("frozen_ms"), int)
+        and quiesced["frozen_ms"] > 0,
+        f"snapshot list --json for origin@q0: {quiesced}",
+    )
+    outcome.check(
+        crash.get("quiesced") is False and crash.get("frozen_ms") is None and "frozen_ms" in crash,
+        f"snapshot list --json for origin@crash0: {crash}",
+    )
     await server.snapshot_drop("origin", "crash0")
 
 
-async def quiesced_backup(server: SnapimgServer, writer: LinuxGuest, agent: Agent,
-                          workdir: Path, outcome: Outcome) -> None:
+async def quiesced_backup(
+    server: SnapimgServer, writer: LinuxGuest, agent: Agent, workdir: Path, outcome: Outcome
+) -> None:
     target = workdir / "backups"
     if isinstance(writer.vm, LibvirtVm):  # libvirt's pull backup, quiesced through libvirt
         source = ["--libvirt", writer.vm.name, "--disk", writer.vm.disk_target]
     else:
         source = ["--control", str(server.control), *agent.options]
-    summary = json.loads(await server.cli("backup", *source, "origin", "--to", str(target),
-                                          "--quiesce", "--json"))
+    summary = json.loads(
+        await server.cli("backup", *source, "origin", "--to", str(target), "--quiesce", "--json")
+    )
     outcome.facts["backup_frozen_ms"] = summary.get("frozen_ms")
-    outcome.check(summary.get("quiesced") is True and summary.get("filesystems_frozen") == 1,
-                  f"snapimg backup --quiesce --json says {summary}")
+    outcome.check(
+        summary.get("quiesced") is True and summary.get("filesystems_frozen") == 1,
+        f"snapimg backup --quiesce --json says {summary}",
+    )
     # the point is a qcow2 file (docs/backup.md): its raw image, as a user gets it back
     restored = workdir / "restored.img"
     await server.cli("restore", str(target), "--backup", summary["id"], "--to", str(restored))
@@ -282,12 +337,22 @@ async def quiesced_backup(server: SnapimgServer, writer: LinuxGuest, agent: Agen
     outcome.check(status == "thawed", f"the agent reports {status!r} after the backup")
 
 
-async def quiesced_attach(server: SnapimgServer, agent: Agent, workdir: Path,
-                          outcome: Outcome) -> None:
+async def quiesced_attach(
+    server: SnapimgServer, agent: Agent, workdir: Path, outcome: Outcome
+) -> None:
     qmp = str(monitor_path(workdir, "writer"))
-    uri = await server.cli("attach", "--qmp", qmp, "--device", device_id("disk0"),
-                           "--store-dir", str(workdir / "attach"), "origin@att",
-                           "--quiesce", *agent.options)
+    uri = await server.cli(
+        "attach",
+        "--qmp",
+        qmp,
+        "--device",
+        device_id("disk0"),
+        "--store-dir",
+        str(workdir / "attach"),
+        "origin@att",
+        "--quiesce",
+        *agent.options,
+    )
     try:
         check = await check_export(uri, workdir / "attach.img")
     finally:
@@ -296,45 +361,71 @@ async def quiesced_attach(server: SnapimgServer, agent: Agent, workdir: Path,
     outcome.facts["attach_clean"] = check.clean
 
 
-async def check_read_only_in_backup_vm(guest: LinuxGuest, snapshot_sha: str, before: int,
-                                       after: int, outcome: Outcome) -> None:
+async def check_read_only_in_backup_vm(
+    guest: LinuxGuest, snapshot_sha: str, before: int, after: int, outcome: Outcome
+) -> None:
     guest_sha = (await guest.run(linux_fs.HASH_DEVICE, timeout=300)).stdout.strip()
-    outcome.check(guest_sha == snapshot_sha,
-                  f"the backup VM reads {guest_sha[:12]}, the host read {snapshot_sha[:12]}")
+    outcome.check(
+        guest_sha == snapshot_sha,
+        f"the backup VM reads {guest_sha[:12]}, the host read {snapshot_sha[:12]}",
+    )
     fsck = await guest.run(linux_fs.READ_ONLY_FSCK, timeout=300, check=False)
     outcome.facts["backup_vm_e2fsck_n_status"] = fsck.status
-    outcome.check(fsck.status == 0, f"e2fsck -fn on the read-only device exited {fsck.status}: "
-                                    f"{fsck.stdout[-200:]!r}")
+    outcome.check(
+        fsck.status == 0,
+        f"e2fsck -fn on the read-only device exited {fsck.status}: {fsck.stdout[-200:]!r}",
+    )
     listing = await guest.run(linux_fs.READ_ONLY_MOUNT_AND_LIST, timeout=300, check=False)
-    outcome.check(listing.status == 0, f"mount -o ro of the read-only device failed "
-                                       f"(exit {listing.status}): {listing.stderr[-200:]!r}")
+    outcome.check(
+        listing.status == 0,
+        f"mount -o ro of the read-only device failed "
+        f"(exit {listing.status}): {listing.stderr[-200:]!r}",
+    )
     if listing.status != 0:
         return
     manifest, files = linux_fs.parse_listing(listing.stdout)
     verdict = linux_fs.verify(manifest, files)
-    outcome.facts.update(done_ops_in_snapshot=verdict.done_ops,
-                         files_verified=verdict.files_checked,
-                         ops_before_snapshot=before, ops_after_snapshot=after)
+    outcome.facts.update(
+        done_ops_in_snapshot=verdict.done_ops,
+        files_verified=verdict.files_checked,
+        ops_before_snapshot=before,
+        ops_after_snapshot=after,
+    )
     outcome.problems += verdict.problems
-    outcome.check(verdict.files_checked == FILES,
-                  f"the snapshot holds {verdict.files_checked} files, not {FILES}")
-    outcome.check(before <= verdict.done_ops <= after + 1,
-                  f"the snapshot holds {verdict.done_ops} operations, not between {before} "
-                  f"and {after} + 1")
+    outcome.check(
+        verdict.files_checked == FILES,
+        f"the snapshot holds {verdict.files_checked} files, not {FILES}",
+    )
+    outcome.check(
+        before <= verdict.done_ops <= after + 1,
+        f"the snapshot holds {verdict.done_ops} operations, not between {before} and {after} + 1",
+    )
 
 
 # ---- killed between freeze and thaw ---------------------------------------------------------
 
-async def quiesce_refused_while_frozen(settings: Settings, server: SnapimgServer, agent: Agent,
-                                       outcome: Outcome) -> None:
+
+async def quiesce_refused_while_frozen(
+    settings: Settings, server: SnapimgServer, agent: Agent, outcome: Outcome
+) -> None:
     """A guest frozen by someone else is neither frozen again nor thawed by a quiesce."""
     proc = await asyncio.create_subprocess_exec(
-        *settings.snapimg_command(), "snapshot", "create", "--control", str(server.control),
-        "origin@refused", "--quiesce", *agent.options,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        *settings.snapimg_command(),
+        "snapshot",
+        "create",
+        "--control",
+        str(server.control),
+        "origin@refused",
+        "--quiesce",
+        *agent.options,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), 120)
-    outcome.check(proc.returncode == 1 and b"frozen already" in err,
-                  f"a quiesce of a frozen guest: exit {proc.returncode}, {err.decode()!r}")
+    outcome.check(
+        proc.returncode == 1 and b"frozen already" in err,
+        f"a quiesce of a frozen guest: exit {proc.returncode}, {err.decode()!r}",
+    )
     status = await agent.status()
     outcome.check(status == "frozen", f"the refused quiesce left the agent {status!r}")
 
@@ -350,7 +441,7 @@ async def holding_control(real: Path, path: Path) -> AsyncIterator[asyncio.Event
             while line := await reader.readline():
                 if json.loads(line).get("method") == "create_snapshot":
                     held.set()
-                    await reader.read()   # until the client is gone
+                    await reader.read()  # until the client is gone
                     return
                 up_reader, up_writer = await asyncio.open_unix_connection(str(real))
                 up_writer.write(line)
@@ -369,66 +460,104 @@ async def holding_control(real: Path, path: Path) -> AsyncIterator[asyncio.Event
             path.unlink()
 
 
-async def killed_between_freeze_and_thaw(settings: Settings, factory: VmFactory,
-                                         controller: Controller, workdir: Path,
-                                         log_dir: Path) -> Outcome:
+async def killed_between_freeze_and_thaw(
+    settings: Settings, factory: VmFactory, controller: Controller, workdir: Path, log_dir: Path
+) -> Outcome:
     outcome = Outcome()
     origin = workdir / "origin.img"
     make_origin(origin)
     async with SnapimgServer(settings, {"origin": origin}, log_dir) as server:
-        async with running_writer(server, factory, controller, settings, workdir, log_dir,
-                                  outcome, 3) as (writer, agent):
+        async with running_writer(
+            server, factory, controller, settings, workdir, log_dir, outcome, 3
+        ) as (writer, agent):
             for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
-                await signal_while_frozen(settings, server, writer, agent, sig, workdir,
-                                          outcome)
+                await signal_while_frozen(settings, server, writer, agent, sig, workdir, outcome)
             await failures_while_frozen(settings, server, writer, agent, workdir, outcome)
             await stop_writer(writer)
         listing = [row["name"] for row in await server.snapshot_list()]
-        outcome.check(listing == ["origin@dup"], f"snapshots other than origin@dup exist "
-                                                 f"although no create was answered: {listing}")
+        outcome.check(
+            listing == ["origin@dup"],
+            f"snapshots other than origin@dup exist although no create was answered: {listing}",
+        )
     return outcome
 
 
-async def failures_while_frozen(settings: Settings, server: SnapimgServer, writer: LinuxGuest,
-                                agent: Agent, workdir: Path, outcome: Outcome) -> None:
+async def failures_while_frozen(
+    settings: Settings,
+    server: SnapimgServer,
+    writer: LinuxGuest,
+    agent: Agent,
+    workdir: Path,
+    outcome: Outcome,
+) -> None:
     """The snapshot fails (a duplicate name) or never comes (the held request with a short
     --quiesce-timeout): snapimg exits 1 with one line and the guest is thawed."""
     await server.snapshot_create("origin", "dup")
     proxy = workdir / "timeout-control.sock"
     async with holding_control(server.control, proxy):
-        cases = {"duplicate": (server.control, "origin@dup", "exists"),
-                 "timeout": (proxy, "origin@late", "was not taken within 3 s of the freeze")}
+        cases = {
+            "duplicate": (server.control, "origin@dup", "exists"),
+            "timeout": (proxy, "origin@late", "was not taken within 3 s of the freeze"),
+        }
         for case, (control, name, expected) in cases.items():
             proc = await asyncio.create_subprocess_exec(
-                *settings.snapimg_command(), "snapshot", "create", "--control", str(control),
-                name, "--quiesce", *agent.options, "--quiesce-timeout", "3",
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                *settings.snapimg_command(),
+                "snapshot",
+                "create",
+                "--control",
+                str(control),
+                name,
+                "--quiesce",
+                *agent.options,
+                "--quiesce-timeout",
+                "3",
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             _, err = await asyncio.wait_for(proc.communicate(), 120)
             lines = err.decode().strip().splitlines()
-            outcome.check(proc.returncode == 1 and len(lines) == 1 and expected in lines[0],
-                          f"{case}: exit {proc.returncode}, stderr {err.decode()[-300:]!r}")
+            outcome.check(
+                proc.returncode == 1 and len(lines) == 1 and expected in lines[0],
+                f"{case}: exit {proc.returncode}, stderr {err.decode()[-300:]!r}",
+            )
             status = await agent.status()
             outcome.check(status == "thawed", f"{case}: the agent reports {status!r}")
             await wait_progress(writer, await progress(writer) + 1)
 
 
-async def signal_while_frozen(settings: Settings, server: SnapimgServer, writer: LinuxGuest,
-                              agent: Agent, sig: signal.Signals, workdir: Path,
-                              outcome: Outcome) -> None:
+async def signal_while_frozen(
+    settings: Settings,
+    server: SnapimgServer,
+    writer: LinuxGuest,
+    agent: Agent,
+    sig: signal.Signals,
+    workdir: Path,
+    outcome: Outcome,
+) -> None:
     name = sig.name.lower()
     proxy = workdir / f"{name}-control.sock"
     async with holding_control(server.control, proxy) as held:
         proc = await asyncio.create_subprocess_exec(
-            *settings.snapimg_command(), "snapshot", "create", "--control", str(proxy),
-            f"origin@{name}", "--quiesce", *agent.options, "--quiesce-timeout", "600",
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            *settings.snapimg_command(),
+            "snapshot",
+            "create",
+            "--control",
+            str(proxy),
+            f"origin@{name}",
+            "--quiesce",
+            *agent.options,
+            "--quiesce-timeout",
+            "600",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             await asyncio.wait_for(held.wait(), KILL_WAIT)
         except TimeoutError:
             proc.kill()
             _, err = await proc.communicate()
-            raise VmError(f"snapimg never sent its create request: {err.decode()[-300:]}") \
-                from None
+            raise VmError(f"snapimg never sent its create request: {err.decode()[-300:]}") from None
         # snapimg sends the request only after the freeze answered: the guest is frozen now
         os.kill(proc.pid, sig)
         _, err = await proc.communicate()
@@ -444,8 +573,9 @@ async def signal_while_frozen(settings: Settings, server: SnapimgServer, writer:
         status = await agent.status()
     else:
         outcome.check(proc.returncode != 0, f"snapimg exited 0 after {sig.name}")
-        outcome.check(err.decode().strip().endswith("interrupted"),
-                      f"snapimg after {sig.name}: {err.decode().strip()[-200:]!r}")
-    outcome.check(status == "thawed", f"after {sig.name} (and thaw) the agent reports "
-                                      f"{status!r}")
-    await wait_progress(writer, stuck + OPS_BETWEEN)   # the writer goes on
+        outcome.check(
+            err.decode().strip().endswith("interrupted"),
+            f"snapimg after {sig.name}: {err.decode().strip()[-200:]!r}",
+        )
+    outcome.check(status == "thawed", f"after {sig.name} (and thaw) the agent reports {status!r}")
+    await wait_progress(writer, stuck + OPS_BETWEEN)  # the writer goes on

@@ -1,13 +1,14 @@
 """Scenario 2, snapshot-without-pause.
 
 Snapshots are taken while the guest writes, without pausing it, at several points of its
-work (inside raw writes, inside file writes): the writer runs 120 generations (FreeDOS under
-TCG writes 6 (IDE) to 60 (megasas) a second here, so a snapshot lands within a few generations of its
-trigger line and the writer is still busy for all three).  Each snapshot, copied with
-``qemu-img convert``, must be a state the disk really passed through: no stamp newer than
-the generation in flight at snapshot time, no torn sector, stamps in writer order; every
-file the writer had finished before the point the stamps show is exact and no other
-exists (only the file being written there may be mid-write: checks.snapshot_files).
+work (inside raw writes, inside file writes): the writer runs 120 generations (FreeDOS
+under TCG writes 6 (IDE) to 60 (megasas) a second here, so a snapshot lands within a few
+generations of its trigger line and the writer is still busy for all three).  Each
+snapshot, copied with ``qemu-img convert``, must be a state the disk really passed through:
+no stamp newer than the generation in flight at snapshot time, no torn sector, stamps in
+writer order; every file the writer had finished before the point the stamps show is
+exact and no other exists (only the file being written there may be mid-write:
+checks.snapshot_files).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ RAW_SECTORS = 1024
 FILE_KIB = 128
 # Take a snapshot as soon as each of these lines appears.
 TRIGGERS = (r"^GEN 5 RAW", r"^GEN 30 FILE", r"^GEN 60 RAW")
-SETTLE_SECONDS = 0.5   # lets lines the guest sent before the snapshot reach the console
+SETTLE_SECONDS = 0.5  # lets lines the guest sent before the snapshot reach the console
 _GEN_LINE = re.compile(r"^GEN (\d+) ")
 
 
@@ -57,8 +58,7 @@ async def run(rig: Rig) -> Result:
     for snap, uri, gen_lo, gen_hi in taken:
         copy = rig.workdir / f"{snap}.img"
         await nbd_copy(uri, copy)
-        problems = checks.snapshot_state(copy, gen_lo, gen_hi, RAW_SECTORS, FILE_KIB,
-                                          FIRST_GEN)
+        problems = checks.snapshot_state(copy, gen_lo, gen_hi, RAW_SECTORS, FILE_KIB, FIRST_GEN)
         result.problems += [f"{snap}: {p}" for p in problems]
         result.facts[snap] = {"generation_in_flight": [gen_lo, gen_hi]}
         await rig.server.snapshot_drop(EXPORT, snap)

@@ -43,8 +43,8 @@ LOST_REASON = "qemu-storage-daemon stopped: qsd snapshots do not survive a resta
 @dataclass
 class _Snapshot:
     info: SnapshotInfo
-    nodes: SnapshotNodes | None          # None once invalid (its graph in QEMU removed)
-    dead_key: str | None = None          # invalid: key of the export that answers EIO
+    nodes: SnapshotNodes | None  # None once invalid (its graph in QEMU removed)
+    dead_key: str | None = None  # invalid: key of the export that answers EIO
 
 
 class QsdBackend:
@@ -126,8 +126,7 @@ class QsdBackend:
             for n in await self.qmp.execute("query-named-block-nodes", {"flat": True})
         }
         out = [
-            ExportInfo(o.name, sizes[o.top], False, self.uri(o.name))
-            for o in self.origins.values()
+            ExportInfo(o.name, sizes[o.top], False, self.uri(o.name)) for o in self.origins.values()
         ]
         for s in self._snaps.values():
             name = s.info.name
@@ -169,9 +168,17 @@ class QsdBackend:
                     target.unlink()
                 raise
             info = SnapshotInfo(
-                origin=origin, snap=snap, created=datetime.now(UTC), valid=True, reason=None,
-                preserved_blocks=0, preserved_bytes=0, max_size=max_size,
-                block_size=self.cluster_size, writable=False, on_full=on_full,
+                origin=origin,
+                snap=snap,
+                created=datetime.now(UTC),
+                valid=True,
+                reason=None,
+                preserved_blocks=0,
+                preserved_bytes=0,
+                max_size=max_size,
+                block_size=self.cluster_size,
+                writable=False,
+                on_full=on_full,
             )
             self._snaps[(origin, snap)] = _Snapshot(info, nodes)
             self._save()
@@ -194,9 +201,7 @@ class QsdBackend:
             await self._refresh()
             return [s.info for s in self._snaps.values()]
 
-    async def release(
-        self, origin: str, snap: str, offset: int, length: int
-    ) -> tuple[int, int]:
+    async def release(self, origin: str, snap: str, offset: int, length: int) -> tuple[int, int]:
         self._snap(origin, snap)
         raise SnapshotError(
             "release is not supported by the qsd backend (a discarded cluster of the qcow2 "
@@ -277,14 +282,16 @@ class QsdBackend:
             reason = None
             if s.nodes.job_id not in jobs:
                 reason = "the QEMU fleecing job ended on its own"
-            elif info.on_full == "invalidate" and info.max_size is not None \
-                    and grown > info.max_size:
+            elif (
+                info.on_full == "invalidate" and info.max_size is not None and grown > info.max_size
+            ):
                 reason = f"store full: target grew by {grown} bytes, max size {info.max_size}"
             elif counts:
                 ranges = await asyncio.to_thread(copied_ranges, self.uri(info.name))
                 used = sum(length for _, length in ranges)
-                info = replace(info, preserved_bytes=used,
-                               preserved_blocks=-(-used // self.cluster_size))
+                info = replace(
+                    info, preserved_bytes=used, preserved_blocks=-(-used // self.cluster_size)
+                )
             if reason is None:
                 self._snaps[key] = _Snapshot(info, s.nodes)
                 continue
@@ -313,7 +320,7 @@ def _qcow2_limit(initial: int, size: int, max_size: int, cluster: int) -> int:
     """
     data = -(-max_size // cluster) * cluster
     total = -(-initial // cluster) * cluster + data
-    total += -(-size // (cluster * (cluster // 8))) * cluster          # L2 tables
+    total += -(-size // (cluster * (cluster // 8))) * cluster  # L2 tables
     extra_refblocks = max(0, -(-total // (cluster * (cluster // 2))) - 1)
     return total + extra_refblocks * cluster
 
@@ -334,9 +341,12 @@ async def start(config: ServeConfig) -> QsdBackend:
     daemon = await Daemon.start()
     backend = QsdBackend(daemon, config.socket, config.store_dir, config.block_size)
     try:
-        await daemon.qmp.execute("nbd-server-start", {
-            "addr": {"type": "unix", "data": {"path": str(config.socket)}},
-        })
+        await daemon.qmp.execute(
+            "nbd-server-start",
+            {
+                "addr": {"type": "unix", "data": {"path": str(config.socket)}},
+            },
+        )
         os.chmod(config.socket, 0o600)
         await backend._setup(config.origins)
     except BaseException:

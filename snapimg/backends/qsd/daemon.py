@@ -23,7 +23,7 @@ from snapimg.errors import QemuError
 QSD_BINARY = "qemu-storage-daemon"
 PR_SET_PDEATHSIG = 1
 RUNDIR_PREFIX = "snapimg-qsd-"
-OWNER_FILE = "owner.pid"   # the snapimg process the run dir belongs to
+OWNER_FILE = "owner.pid"  # the snapimg process the run dir belongs to
 
 
 class Daemon:
@@ -51,8 +51,10 @@ class Daemon:
         try:
             proc = await asyncio.create_subprocess_exec(
                 binary,
-                "--chardev", f"socket,id=qmp0,path={qmp_path},server=on,wait=off",
-                "--monitor", "chardev=qmp0",
+                "--chardev",
+                f"socket,id=qmp0,path={qmp_path},server=on,wait=off",
+                "--monitor",
+                "chardev=qmp0",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -64,7 +66,7 @@ class Daemon:
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
-            while True:   # the socket file appears a moment before QEMU listens on it
+            while True:  # the socket file appears a moment before QEMU listens on it
                 if proc.returncode is not None or loop.time() > deadline:
                     raise QemuError(f"{binary} did not start: {_tail(rundir)}")
                 if qmp_path.exists():
@@ -122,7 +124,7 @@ def _remove_orphaned_rundirs() -> None:
         except ProcessLookupError:
             shutil.rmtree(rundir, ignore_errors=True)
         except (OSError, ValueError):
-            continue        # not ours to judge: unreadable, or another user's process
+            continue  # not ours to judge: unreadable, or another user's process
 
 
 def _die_with_parent() -> None:

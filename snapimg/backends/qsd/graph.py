@@ -38,11 +38,11 @@ COPY_GRANULARITY = 64 * 1024  # block-copy never copies less than 64 KiB
 
 @dataclass
 class SnapshotNodes:
-    key: str                 # "s7": prefix of every node of this snapshot
-    export_name: str         # "NAME@SNAP"
+    key: str  # "s7": prefix of every node of this snapshot
+    export_name: str  # "NAME@SNAP"
     target_path: Path
-    limit: int | None        # byte limit of the qcow2 file (raw 'size'), None: unlimited
-    base: int = 0            # disk bytes of the fresh image (header, tables)
+    limit: int | None  # byte limit of the qcow2 file (raw 'size'), None: unlimited
+    base: int = 0  # disk bytes of the fresh image (header, tables)
 
     def grown_bytes(self) -> int:
         """Disk bytes the target file gained since creation: data clusters and L2 tables.
@@ -90,8 +90,8 @@ class SnapshotNodes:
 
 @dataclass
 class OriginNodes:
-    key: str                 # "o1"
-    name: str                # export name
+    key: str  # "o1"
+    name: str  # export name
     path: Path
 
     @property
@@ -120,19 +120,30 @@ async def add_origin(qmp: Qmp, origin: OriginNodes) -> None:
     try:
         # locking off: snapimg itself holds QEMU's locks on the image (snapimg.imagelock),
         # not sharing write as a VM does; QEMU's own NBD export would share it.
-        await qmp.execute("blockdev-add", {
-            "driver": "file", "node-name": origin.file, "filename": str(origin.path),
-            "locking": "off",
-        })
+        await qmp.execute(
+            "blockdev-add",
+            {
+                "driver": "file",
+                "node-name": origin.file,
+                "filename": str(origin.path),
+                "locking": "off",
+            },
+        )
         added.append(origin.file)
         await qmp.execute("blockdev-add", _raw_opts(origin.fmt, origin.file))
         added.append(origin.fmt)
         await qmp.execute("blockdev-add", _raw_opts(origin.top, origin.fmt))
         added.append(origin.top)
-        await qmp.execute("block-export-add", {
-            "type": "nbd", "id": origin.export_id, "node-name": origin.top,
-            "name": origin.name, "writable": True,
-        })
+        await qmp.execute(
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": origin.export_id,
+                "node-name": origin.top,
+                "name": origin.name,
+                "writable": True,
+            },
+        )
     except QemuError:
         await _del_nodes(qmp, reversed(added))
         raise
@@ -146,9 +157,17 @@ async def remove_origin(qmp: Qmp, origin: OriginNodes) -> None:
 async def create_qcow2(path: Path, size: int, cluster_size: int) -> None:
     """A fresh qcow2 image with no backing file in its header (QMP gives it one)."""
     proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}",
-        str(path), str(size),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"cluster_size={cluster_size}",
+        str(path),
+        str(size),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate()
@@ -167,14 +186,29 @@ async def add_snapshot(qmp: Qmp, device: str, snap: SnapshotNodes) -> None:
     try:
         await add_target(qmp, snap, backing=device)
         added = list(reversed(snap.node_names()[1:]))
-        await qmp.execute("blockdev-backup", {
-            "job-id": snap.job_id, "device": device, "target": snap.target, "sync": "none",
-            "filter-node-name": snap.cbw, "auto-finalize": True, "auto-dismiss": True,
-        })
-        await qmp.execute("block-export-add", {
-            "type": "nbd", "id": snap.export_id, "node-name": snap.target,
-            "name": snap.export_name, "writable": False, "allocation-depth": True,
-        })
+        await qmp.execute(
+            "blockdev-backup",
+            {
+                "job-id": snap.job_id,
+                "device": device,
+                "target": snap.target,
+                "sync": "none",
+                "filter-node-name": snap.cbw,
+                "auto-finalize": True,
+                "auto-dismiss": True,
+            },
+        )
+        await qmp.execute(
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": snap.export_id,
+                "node-name": snap.target,
+                "name": snap.export_name,
+                "writable": False,
+                "allocation-depth": True,
+            },
+        )
     except QemuError:
         await cancel_job(qmp, snap.job_id)
         await _del_nodes(qmp, reversed(added))
@@ -185,22 +219,38 @@ async def add_target(qmp: Qmp, snap: SnapshotNodes, backing: str) -> None:
     """The qcow2 target node (in an optional raw size window) backed by ``backing``."""
     added: list[str] = []
     try:
-        await qmp.execute("blockdev-add", {
-            "driver": "file", "node-name": snap.target_file, "filename": str(snap.target_path),
-        })
+        await qmp.execute(
+            "blockdev-add",
+            {
+                "driver": "file",
+                "node-name": snap.target_file,
+                "filename": str(snap.target_path),
+            },
+        )
         added.append(snap.target_file)
         image_file = snap.target_file
         if snap.limit is not None:
             # A raw window of fixed size: writes past it fail with ENOSPC.
-            await qmp.execute("blockdev-add", {
-                "driver": "raw", "node-name": snap.target_limit, "file": snap.target_file,
-                "size": snap.limit,
-            })
+            await qmp.execute(
+                "blockdev-add",
+                {
+                    "driver": "raw",
+                    "node-name": snap.target_limit,
+                    "file": snap.target_file,
+                    "size": snap.limit,
+                },
+            )
             added.append(snap.target_limit)
             image_file = snap.target_limit
-        await qmp.execute("blockdev-add", {
-            "driver": "qcow2", "node-name": snap.target, "file": image_file, "backing": backing,
-        })
+        await qmp.execute(
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": snap.target,
+                "file": image_file,
+                "backing": backing,
+            },
+        )
     except QemuError:
         await _del_nodes(qmp, reversed(added))
         raise
@@ -260,19 +310,31 @@ async def add_dead_export(qmp: Qmp, key: str, export_name: str, size: int) -> No
     An invalid snapshot keeps its export, as with the native backend, but serves errors,
     never data: raw -> blkdebug (inject EIO on each read) -> null-co of the origin's size.
     """
-    await qmp.execute("blockdev-add", {
-        "driver": "raw", "node-name": f"{key}-dead", "read-only": True,
-        "file": {
-            "driver": "blkdebug", "node-name": f"{key}-dbg",
-            "inject-error": [{"event": "read_aio", "errno": 5}],
-            "image": {"driver": "null-co", "node-name": f"{key}-null", "size": size},
+    await qmp.execute(
+        "blockdev-add",
+        {
+            "driver": "raw",
+            "node-name": f"{key}-dead",
+            "read-only": True,
+            "file": {
+                "driver": "blkdebug",
+                "node-name": f"{key}-dbg",
+                "inject-error": [{"event": "read_aio", "errno": 5}],
+                "image": {"driver": "null-co", "node-name": f"{key}-null", "size": size},
+            },
         },
-    })
+    )
     try:
-        await qmp.execute("block-export-add", {
-            "type": "nbd", "id": f"{key}-exp", "node-name": f"{key}-dead",
-            "name": export_name, "writable": False,
-        })
+        await qmp.execute(
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": f"{key}-exp",
+                "node-name": f"{key}-dead",
+                "name": export_name,
+                "writable": False,
+            },
+        )
     except QemuError:
         await _del_nodes(qmp, [f"{key}-dead"])
         raise

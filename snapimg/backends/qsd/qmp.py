@@ -53,9 +53,7 @@ async def execute(
         ) from None
     except (QMPError, OSError, EOFError) as err:
         detail = _one_line(str(err)) or type(err).__name__
-        raise QemuError(
-            f"QMP connection lost: {detail}", command=command, where=where
-        ) from None
+        raise QemuError(f"QMP connection lost: {detail}", command=command, where=where) from None
 
 
 class Qmp:
