@@ -509,15 +509,22 @@ class DataPath:
                 buf[within : within + len(piece)] = piece
             limit = s.max_blocks(bs)
             with self.lock:
-                grows = o.index.lookup(b, s.gen) < 0
-                if limit is not None and s.preserved + grows > limit:
+                if limit is not None and s.preserved + (o.index.lookup(b, s.gen) < 0) > limit:
                     raise NoSpaceError(
                         f"snapshot {s.origin}@{s.name} reached its max size ({limit_text(s)})"
                     )
                 ((slot, _),) = self.store.alloc(1)
             try:
                 self.store.write_slots(slot, buf)
-                with self.lock:
+                # The limit again, and the record, in one hold: copies the snapshot needs
+                # (origin writes; C's installs, folded in by settled) may have been counted
+                # while the block was written.
+                with self.lock, self.settled():
+                    grows = o.index.lookup(b, s.gen) < 0
+                    if limit is not None and s.preserved + grows > limit:
+                        raise NoSpaceError(
+                            f"snapshot {s.origin}@{s.name} reached its max size ({limit_text(s)})"
+                        )
                     rec = R.RunRec(
                         kind=R.Kind.PRIVATE,
                         origin=o.entry.id,
@@ -527,7 +534,7 @@ class DataPath:
                         slot=slot,
                     )
                     seq, _ = self.log([rec])
-            except OSError:
+            except (OSError, NoSpaceError):
                 with self.lock:
                     self.store.free([slot])
                 raise
