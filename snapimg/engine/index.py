@@ -72,10 +72,11 @@ class OriginIndex:
             self.excluding += snap.has_exclusions
         self.publish()
 
-    def _retire(self, snap: SnapshotState) -> list[int]:
-        """Take ``snap`` out of the live set and free what only it needed."""
+    def _retire(self, snap: SnapshotState, live: bool) -> list[int]:
+        """Take ``snap`` out of the live set (``live``: it is in it) and free what only it
+        needed."""
         freed: list[int] = []
-        if snap.valid:
+        if live:
             self.live.remove(snap.gen)
             self.excluding -= snap.has_exclusions
         freed.extend(snap.private.values())
@@ -85,7 +86,7 @@ class OriginIndex:
 
     def drop(self, gen: int) -> list[int]:
         snap = self.snaps.pop(gen)
-        freed = self._retire(snap)
+        freed = self._retire(snap, snap.valid)
         snap.dropped = True
         self.publish()
         return freed
@@ -94,7 +95,12 @@ class OriginIndex:
         snap = self.snaps[gen]
         if not snap.valid:
             return []
-        freed = self._retire(snap)
+        # Readers first learn that it is invalid (they check after reading), and only
+        # then are its copies freed: a read that took a block from the origin because
+        # its copy was gone must fail its check, not return the origin's newer data.
+        snap.valid, snap.reason, snap.invalid_time = False, reason, when
+        self.publish()
+        freed = self._retire(snap, True)
         snap.invalidate(reason, when)
         self.publish()
         return freed

@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import time
 from pathlib import Path
 
 from enginetest_util import make_image
 
 from snapimg.engine import Engine
-from snapimg.errors import NoSpaceError
+from snapimg.errors import DeviceError, NoSpaceError
 
 BS = 4096
 THREADS = 4
@@ -149,3 +150,46 @@ def test_writable_snapshot_max_size_with_origin_writes_at_once(tmp_path: Path) -
             eng.drop_snapshot("d", "w")
             origin.pwrite(0, b"\x02" * (blocks * BS))
     assert not over, over[:5]
+
+
+def test_snapshot_reads_while_its_max_size_invalidates_it(tmp_path: Path) -> None:
+    """Readers of a read-only snapshot while origin writes take it past its max size
+    (policy invalidate): a read returns the snapshot's content or fails, never the
+    origin's new data.  (Found by bench/soak.py: invalidation freed the snapshot's copies
+    before it said the snapshot was invalid, so a read in between took the overwritten
+    origin block and passed its final validity check.)"""
+    blocks, limit = 2048, 1024  # invalidation frees 1024 copies
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"\x04" * (blocks * BS))
+    wrong: list[tuple[int, int]] = []
+    with Engine.open(tmp_path / "store", {"d": path}, block_size=BS) as eng:
+        origin = eng.origin_device("d")
+        for r in range(20):
+            eng.create_snapshot("d", "s", limit * BS)
+            snap = eng.snapshot_device("d", "s")
+            done = threading.Event()
+
+            def read(done: threading.Event = done, snap: object = snap, r: int = r) -> None:
+                while not done.is_set():
+                    for b in range(0, limit, 7):  # blocks copied before the limit
+                        try:
+                            got = snap.pread(b * BS, BS)  # type: ignore[attr-defined]
+                        except DeviceError:
+                            continue  # invalid: the right answer from now on
+                        if got != b"\x04" * BS:
+                            wrong.append((r, b))
+
+            readers = [threading.Thread(target=read) for _ in range(2)]
+            for t in readers:
+                t.start()
+            origin.pwrite(0, bytes([5 + r]) * (limit * BS))  # the copies it may hold
+            origin.pwrite(limit * BS, bytes([5 + r]) * BS)  # past its max size: invalid
+            time.sleep(0.05)
+            done.set()
+            for t in readers:
+                t.join()
+            info = next(i for i in eng.snapshots() if i.snap == "s")
+            assert not info.valid
+            eng.drop_snapshot("d", "s")
+            origin.pwrite(0, b"\x04" * (blocks * BS))
+    assert not wrong, wrong[:5]
