@@ -507,12 +507,8 @@ class DataPath:
                 buf = bytearray(self._read_blocks(o, s, segs, b * bs, bs))
                 buf.extend(bytes(bs - len(buf)))
                 buf[within : within + len(piece)] = piece
-            limit = s.max_blocks(bs)
             with self.lock:
-                if limit is not None and s.preserved + (o.index.lookup(b, s.gen) < 0) > limit:
-                    raise NoSpaceError(
-                        f"snapshot {s.origin}@{s.name} reached its max size ({limit_text(s)})"
-                    )
+                self._check_private_room(o, s, b)  # refused before any store I/O
                 ((slot, _),) = self.store.alloc(1)
             try:
                 self.store.write_slots(slot, buf)
@@ -520,11 +516,7 @@ class DataPath:
                 # (origin writes; C's installs, folded in by settled) may have been counted
                 # while the block was written.
                 with self.lock, self.settled():
-                    grows = o.index.lookup(b, s.gen) < 0
-                    if limit is not None and s.preserved + grows > limit:
-                        raise NoSpaceError(
-                            f"snapshot {s.origin}@{s.name} reached its max size ({limit_text(s)})"
-                        )
+                    self._check_private_room(o, s, b)
                     rec = R.RunRec(
                         kind=R.Kind.PRIVATE,
                         origin=o.entry.id,
@@ -542,6 +534,15 @@ class DataPath:
                 self.store.sync_upto(seq)
         except OSError as err:
             raise store_error(err) from err
+
+    def _check_private_room(self, o: OpenOrigin, s: SnapshotState, b: int) -> None:
+        """Refuse (NoSpaceError) a private block ``b`` that would take writable snapshot
+        ``s`` past its max size (``lock`` held)."""
+        limit = s.max_blocks(self.block_size)
+        if limit is not None and s.preserved + (o.index.lookup(b, s.gen) < 0) > limit:
+            raise NoSpaceError(
+                f"snapshot {s.origin}@{s.name} reached its max size ({limit_text(s)})"
+            )
 
     def snap_zero(
         self, o: OpenOrigin, s: SnapshotState, offset: int, length: int, fua: bool
