@@ -100,7 +100,6 @@ class DataPath:
         self.closed = False
         self.cbw_timeout: float | None = None  # seconds a write waits for its copies
         self.runner = BoundedRunner()
-        self._snap_locks: dict[tuple[str, int], threading.Lock] = {}
 
     def close(self) -> None:
         """From now on I/O is refused (barrier held exclusively by the caller)."""
@@ -410,6 +409,9 @@ class DataPath:
         b0, b1 = offset // bs, (offset + length - 1) // bs + 1
         barrier = self.barrier
         barrier.acquire_shared()
+        own = s.access if s.writable else None  # its own writes free copies
+        if own is not None:
+            own.acquire_shared()
         try:
             if self.closed or not s.valid or s.dropped:
                 self.check_io()
@@ -427,6 +429,8 @@ class DataPath:
                 self.check_valid(s)
             return data
         finally:
+            if own is not None:
+                own.release_shared()
             barrier.release_shared()
 
     def _read_blocks(
@@ -472,9 +476,8 @@ class DataPath:
             return
         bs = self.block_size
         view = memoryview(data)
-        lock = self._snap_locks.setdefault((o.name, s.gen), threading.Lock())
         try:
-            with self.barrier.shared(), lock:
+            with self.barrier.shared(), s.access.exclusive():
                 self.check_io()
                 self.check_valid(s)
                 b0, b1 = offset // bs, (offset + n - 1) // bs + 1

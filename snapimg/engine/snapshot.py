@@ -6,6 +6,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from snapimg.engine.barrier import Barrier
 from snapimg.snapinfo import OnFull, SnapshotInfo
 
 
@@ -60,6 +61,9 @@ class SnapshotState:
     released: IntervalSet = field(default_factory=IntervalSet)
     private: dict[int, int] = field(default_factory=dict)  # block -> slot
     dropped: bool = False  # devices made before the drop then refuse I/O
+    # A writable snapshot's own writes run exclusive, its reads shared: an own write
+    # frees the copy its private block replaces, which a read may be reading.
+    access: Barrier = field(default_factory=Barrier, compare=False, repr=False)
 
     def excludes(self, block: int) -> bool:
         """True when origin writes to ``block`` need no copy for this snapshot."""
