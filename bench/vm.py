@@ -2,20 +2,23 @@
 
 For each controller, a FreeDOS guest boots (launch of QEMU to the AUTOEXEC line) and runs the
 DOS writer for a few generations on the test disk, served by ``snapimg serve`` over NBD
-(``--disk serve``) or attached as a plain raw file (``--disk file``, QEMU's own I/O, for
-comparison).  Throughput is measured from the arrival times of the writer's COM1 lines:
-raw INT 13h writes (first generation = first touch, later ones = overwrites) and file writes
-through DOS (INT 21h).  Acceleration comes from SNAPIMG_ACCEL (tcg by default).
+(``--disk serve``), attached as a plain raw file (``--disk file``, QEMU's own I/O, for
+comparison) or served by nbdkit's file plugin (``--disk nbdkit``: another NBD server in C,
+to tell the cost of any NBD round trip from snapimg's own).  Throughput is measured from
+the arrival times of the writer's COM1 lines: raw INT 13h writes (first generation = first
+touch, later ones = overwrites) and file writes through DOS (INT 21h).  Acceleration comes
+from SNAPIMG_ACCEL (tcg by default).
 
 The guest's disk requests are small and one at a time (QEMU's IDE turns each sector of a
 PIO write into its own request), so each costs a round trip to the server: the figures
 follow the machine's load closely.  ``--repeat`` runs every controller and disk kind that
 many times, taking turns (the order alternates), and reports the medians; with ``--disk
 both`` the ``ratios`` are serve / file per round, their median (the target for IDE raw
-writes is 0.8).  ``--datapath`` picks snapimg serve's data path (SNAPIMG_DATAPATH).
+writes is 0.8); ``--disk all`` adds nbdkit, and its ratios nbdkit / file.  ``--datapath``
+picks snapimg serve's data path (SNAPIMG_DATAPATH).
 
-    python bench/vm.py [--controllers ide,lsi] [--disk serve|file|both] [--repeat 3]
-                       [--datapath compiled|python] [--json]
+    python bench/vm.py [--controllers ide,lsi] [--disk serve|file|nbdkit|both|all]
+                       [--repeat 3] [--datapath compiled|python] [--json]
 """
 
 from __future__ import annotations
@@ -50,8 +53,22 @@ async def measure(
     origin = work / "origin.img"
     shutil.copyfile(artifacts.test_disk, origin)
     server: SnapimgServer | None = None
+    nbdkit: asyncio.subprocess.Process | None = None
     datapath = "-"
-    if disk_kind == "serve":
+    if disk_kind == "nbdkit":
+        sock = work / "nbdkit.sock"
+        nbdkit = await asyncio.create_subprocess_exec(
+            "nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "file", str(origin),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(500):
+            if sock.exists() or nbdkit.returncode is not None:
+                break
+            await asyncio.sleep(0.01)
+        if not sock.exists():
+            raise SystemExit("bench/vm.py: nbdkit did not start")
+        disk = DiskSpec.nbd_unix("d0", sock, "")
+    elif disk_kind == "serve":
         server = SnapimgServer(settings, {"disk": origin}, work / "logs")
         await server.start()
         ready = re.search(r"datapath=(\w+)", server.log_path.read_text())
@@ -84,6 +101,9 @@ async def measure(
         await machine.close()
         if server is not None:
             await server.stop()
+        if nbdkit is not None:
+            nbdkit.terminate()
+            await nbdkit.wait()
     at = {line.strip(): t for t, line in lines}
     raw = [
         RAW_SECTORS * 512 / MIB / (at[f"GEN {g} FILE F{g % 3}.DAT"] - at[f"GEN {g} RAW"])
@@ -110,7 +130,8 @@ RATES = ("raw_first_touch_mib_s", "raw_overwrite_mib_s", "file_mib_s")
 
 def summarise(rows: list[dict[str, object]]) -> tuple[list[dict[str, object]], dict[str, float]]:
     """Median rates per controller and disk kind; per controller, the median over rounds
-    of serve / file for each rate (keys "<controller>_<rate>_serve_vs_file")."""
+    of serve / file (and nbdkit / file) for each rate (keys
+    "<controller>_<rate>_<kind>_vs_file")."""
     groups: dict[tuple[str, str], list[dict[str, object]]] = {}
     for row in rows:
         groups.setdefault((str(row["controller"]), str(row["disk"])), []).append(row)
@@ -128,14 +149,14 @@ def summarise(rows: list[dict[str, object]]) -> tuple[list[dict[str, object]], d
     ]
     ratios: dict[str, float] = {}
     for (c, d), rs in groups.items():
-        if d != "serve" or (c, "file") not in groups:
+        if d == "file" or (c, "file") not in groups:
             continue
         for k in RATES:
             per_round = [
                 float(str(s[k])) / float(str(f[k]))
                 for s, f in zip(rs, groups[c, "file"], strict=False)
             ]
-            ratios[f"{c}_{k.removesuffix('_mib_s')}_serve_vs_file"] = round(
+            ratios[f"{c}_{k.removesuffix('_mib_s')}_{d}_vs_file"] = round(
                 statistics.median(per_round), 3
             )
     return medians, ratios
@@ -144,7 +165,9 @@ def summarise(rows: list[dict[str, object]]) -> tuple[list[dict[str, object]], d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--controllers", default=",".join(controllers.CONTROLLERS))
-    parser.add_argument("--disk", choices=["serve", "file", "both"], default="serve")
+    parser.add_argument(
+        "--disk", choices=["serve", "file", "nbdkit", "both", "all"], default="serve"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds (default 1)")
     parser.add_argument(
         "--datapath",
@@ -163,7 +186,9 @@ def main() -> int:
         return 1
     if args.datapath:
         os.environ["SNAPIMG_DATAPATH"] = args.datapath  # inherited by snapimg serve
-    kinds = ["serve", "file"] if args.disk == "both" else [args.disk]
+    kinds = {"both": ["serve", "file"], "all": ["serve", "file", "nbdkit"]}.get(
+        args.disk, [args.disk]
+    )
     rows = []
     for rnd in range(args.repeat):
         for controller in args.controllers.split(","):
