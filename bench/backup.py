@@ -170,12 +170,13 @@ class Server:
 
 
 @contextmanager
-def qemu_nbd(image: Path, fmt: str, read_only: bool) -> Iterator[str]:
-    """qemu-nbd exporting ``image``; yields its URI; the process has exited afterwards."""
+def qemu_nbd(image: Path, fmt: str, read_only: bool, persistent: bool = False) -> Iterator[str]:
+    """qemu-nbd exporting ``image``; yields its URI; the process has exited afterwards
+    (``persistent``: it serves one client after another, and is stopped at the end)."""
     sock = image.with_name(image.name + ".sock")
     cmd = ["qemu-nbd", "-f", fmt, "-k", str(sock), "--pid-file", f"{sock}.pid"]
     proc = subprocess.Popen(
-        [*cmd, *(["-r"] if read_only else []), str(image)],
+        [*cmd, *(["-r"] if read_only else []), *(["-t"] if persistent else []), str(image)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -187,7 +188,9 @@ def qemu_nbd(image: Path, fmt: str, read_only: bool) -> Iterator[str]:
     try:
         yield f"nbd+unix:///?socket={sock}"
     finally:
-        proc.wait(60)  # qemu-nbd exits when its one client disconnects
+        if persistent:
+            proc.terminate()
+        proc.wait(60)  # else qemu-nbd exits when its one client disconnects
 
 
 def nbdcopy_to_qcow2(uri: str, out: Path, size: int) -> float:

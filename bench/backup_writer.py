@@ -24,13 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backup import fsync_path, make_image, timed  # noqa: E402
+from backup import fsync_path, make_image, qemu_nbd, timed  # noqa: E402
 
 from snapimg.units import parse_size  # noqa: E402
 
@@ -41,27 +39,6 @@ WRITERS: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "qsd_qcow2_io_uring": ("qcow2", [], {"aio": "io_uring"}),
     "qsd_qcow2_2m_clusters": ("qcow2", ["-o", "cluster_size=2M"], {}),
 }
-
-
-@contextmanager
-def source(image: Path) -> Iterator[str]:
-    """A persistent read-only qemu-nbd export of ``image``; stopped afterwards."""
-    sock = image.with_suffix(".sock")
-    proc = subprocess.Popen(
-        ["qemu-nbd", "-t", "-r", "-f", "raw", "-k", str(sock), "--pid-file", f"{sock}.pid",
-         str(image)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not Path(f"{sock}.pid").exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("bench: qemu-nbd did not start")
-            time.sleep(0.005)
-        yield f"nbd+unix:///?socket={sock}"
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 def qsd_copy(src: str, out: Path, size: int, fmt: str, create: list[str],
@@ -115,7 +92,7 @@ def main() -> int:
         work = Path(d)
         image = work / "src.img"
         make_image(image, size, data, extent, seed=1)
-        with source(image) as src:
+        with qemu_nbd(image, "raw", read_only=True, persistent=True) as src:
             for _ in range(args.runs):
                 out = work / "out.raw"
                 out.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ always before the caller frees the slots it returned.
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterator
 
 from snapimg.engine.snapshot import SnapshotState
@@ -72,21 +72,24 @@ class OriginIndex:
             self.excluding += snap.has_exclusions
         self.publish()
 
-    def _retire(self, snap: SnapshotState, live: bool) -> list[int]:
-        """Take ``snap`` out of the live set (``live``: it is in it) and free what only it
-        needed."""
-        freed: list[int] = []
-        if live:
-            self.live.remove(snap.gen)
+    def _retire(self, snap: SnapshotState) -> list[int]:
+        """Take ``snap`` out of the live set (if it is in it) and free what only it
+        needed; it holds no blocks afterwards."""
+        live = self.live
+        i = bisect_left(live, snap.gen)
+        if i < len(live) and live[i] == snap.gen:
+            del live[i]
             self.excluding -= snap.has_exclusions
-        freed.extend(snap.private.values())
+        freed = list(snap.private.values())
         for b, _ in list(self.table.blocks_from_gen(snap.gen)):
             freed.extend(self.collect(b))
+        snap.preserved = 0
+        snap.private.clear()
         return freed
 
     def drop(self, gen: int) -> list[int]:
         snap = self.snaps.pop(gen)
-        freed = self._retire(snap, snap.valid)
+        freed = self._retire(snap)
         snap.dropped = True
         self.publish()
         return freed
@@ -98,10 +101,9 @@ class OriginIndex:
         # Readers first learn that it is invalid (they check after reading), and only
         # then are its copies freed: a read that took a block from the origin because
         # its copy was gone must fail its check, not return the origin's newer data.
-        snap.valid, snap.reason, snap.invalid_time = False, reason, when
-        self.publish()
-        freed = self._retire(snap, True)
         snap.invalidate(reason, when)
+        self.publish()
+        freed = self._retire(snap)
         self.publish()
         return freed
 

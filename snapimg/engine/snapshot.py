@@ -77,11 +77,10 @@ class SnapshotState:
         return None if self.max_size is None else self.max_size // block_size
 
     def invalidate(self, reason: str, when: float) -> None:
+        """Mark it invalid (the index then frees what it held)."""
         self.valid = False
         self.reason = reason
         self.invalid_time = when
-        self.preserved = 0
-        self.private.clear()
 
     def info(self, block_size: int) -> SnapshotInfo:
         reason = self.reason

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from enginetest_util import make_image
@@ -18,6 +19,21 @@ BS = 4096
 THREADS = 4
 REGION = 3 * BS + 100  # each writer owns a region that straddles blocks
 SIZE = THREADS * 4 * BS
+
+
+@contextlib.contextmanager
+def running(done: threading.Event, *targets: Callable[[], None]) -> Iterator[None]:
+    """Threads running ``targets`` (which loop until ``done``) during the block; at its
+    end ``done`` is set and they are joined."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
 
 
 def test_concurrent_writes_and_snapshots(tmp_path: Path) -> None:
@@ -179,15 +195,10 @@ def test_snapshot_reads_while_its_max_size_invalidates_it(tmp_path: Path) -> Non
                         if got != b"\x04" * BS:
                             wrong.append((r, b))
 
-            readers = [threading.Thread(target=read) for _ in range(2)]
-            for t in readers:
-                t.start()
-            origin.pwrite(0, bytes([5 + r]) * (limit * BS))  # the copies it may hold
-            origin.pwrite(limit * BS, bytes([5 + r]) * BS)  # past its max size: invalid
-            time.sleep(0.05)
-            done.set()
-            for t in readers:
-                t.join()
+            with running(done, read, read):
+                origin.pwrite(0, bytes([5 + r]) * (limit * BS))  # the copies it may hold
+                origin.pwrite(limit * BS, bytes([5 + r]) * BS)  # past its max size: invalid
+                time.sleep(0.05)
             info = next(i for i in eng.snapshots() if i.snap == "s")
             assert not info.valid
             eng.drop_snapshot("d", "s")
@@ -228,16 +239,10 @@ def test_writable_snapshot_reads_while_its_own_writes_replace_copies(tmp_path: P
                 while not done.is_set():  # slots freed by the own writes get reused
                     origin.pwrite(blocks * BS - BS, bytes([100 + r]) * BS)
 
-            threads = [threading.Thread(target=read) for _ in range(2)]
-            threads.append(threading.Thread(target=churn))
-            for t in threads:
-                t.start()
-            for b in range(blocks):  # the other half of each block: a private copy
-                at[0] = b
-                snap.pwrite(b * BS + half, b"\x08" * half)  # type: ignore[attr-defined]
-            done.set()
-            for t in threads:
-                t.join()
+            with running(done, read, read, churn):
+                for b in range(blocks):  # the other half of each block: a private copy
+                    at[0] = b
+                    snap.pwrite(b * BS + half, b"\x08" * half)  # type: ignore[attr-defined]
             eng.drop_snapshot("d", "w")
             origin.pwrite(0, b"\x06" * (blocks * BS))
     assert not wrong, wrong[:5]
