@@ -36,6 +36,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -71,11 +72,19 @@ def wait_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 def wait_socket(proc: subprocess.Popen[str], sock: Path, what: str) -> None:
+    """Wait until ``sock`` accepts a connection (the file appears at bind, before listen)."""
     deadline = time.monotonic() + 30
-    while not sock.exists():
+    while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"{what} did not start")
-        time.sleep(0.05)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(sock))
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.05)
+        finally:
+            probe.close()
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

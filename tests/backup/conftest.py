@@ -6,11 +6,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.listening import wait_listening
 
 TOOLS = ("qemu-io", "qemu-img", "qemu-storage-daemon")
 
@@ -44,11 +45,7 @@ def qsd_export(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
             stderr=subprocess.PIPE,
         )
         procs.append(proc)
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"qemu-storage-daemon did not start: {proc.stderr}")
-            time.sleep(0.05)
+        wait_listening(sock, proc, "qemu-storage-daemon")
         return f"nbd+unix:///img?socket={sock}"
 
     yield start

@@ -9,7 +9,6 @@ import random
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 
 from snapimg.cli.main import main
+from tests.listening import wait_listening
 
 MiB = 1 << 20
 
@@ -173,12 +173,11 @@ def _start_qsd(image: Path, sock: Path, fmt: str = "raw") -> subprocess.Popen[by
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 15
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            raise RuntimeError("qemu-storage-daemon did not start")
-        time.sleep(0.02)
+    try:
+        wait_listening(sock, proc, "qemu-storage-daemon", timeout=15)
+    except AssertionError:
+        _stop(proc)
+        raise
     return proc
 
 

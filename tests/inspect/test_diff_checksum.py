@@ -10,7 +10,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 
 from snapimg.cli.main import main
 from tests.inspect.helpers import MiB, run
+from tests.listening import wait_listening
 
 BS = 64 * 1024
 
@@ -183,10 +183,7 @@ def test_progress_bar_on_a_tty_for_slow_work(tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert nbdkit.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_listening(sock, nbdkit, "nbdkit", timeout=10)
         uri = f"nbd+unix:///?socket={sock}"
         pid, fd = pty.fork()
         if pid == 0:  # child: stdout and stderr are the pty
