@@ -48,7 +48,9 @@ from snapimg.nbd.requests import Context
 from snapimg.nbd.threaded import ThreadedTransmission
 from snapimg.nbd.transmission import Transmission
 
-DEADLINE = 1.0  # seconds an input may take once it was sent completely
+# seconds an input may take once it was sent completely: inputs take milliseconds, a hang
+# never ends; 1 s was missed under load by an input that replays in 5 ms
+DEADLINE = 5.0
 MAX_INPUT = 65536  # bytes: what -max_len allows (a socketpair buffers more)
 CHECK_EVERY = 2000  # inputs between full checks of the host's state
 
