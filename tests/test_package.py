@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -76,3 +77,12 @@ def test_the_rig_runs_from_the_checkout() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("scenarios: ")
+
+
+def test_the_dev_environment_can_build_the_extension() -> None:
+    """scripts/sanitize.sh and bench/fuzz.py run `setup.py build_ext` with the environment's
+    own setuptools, not pip's isolated build: the dev extra must bring the build backend
+    (a virtualenv seeded with an older setuptools rejects pyproject.toml's license)."""
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    build = set(meta["build-system"]["requires"])
+    assert build <= set(meta["project"]["optional-dependencies"]["dev"])
