@@ -4,6 +4,7 @@ before `snapshot create` starts is in the snapshot, none started after it return
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,7 +50,11 @@ def test_create_during_writes(tmp_path: Path, serve: Callable[..., Serve]) -> No
     snapimg("snapshot", "create", "--control", s.control, "busy@t")
     with lock:
         started_after = [n + 1 for n in started]
-    threading.Event().wait(0.3)
+    deadline = time.monotonic() + 30  # until each writer had a write acked after create
+    while any(a <= b for a, b in zip(acked, started_after, strict=True)):
+        if time.monotonic() > deadline or not any(t.is_alive() for t in threads):
+            break
+        threading.Event().wait(0.01)
     stop.set()
     for t in threads:
         t.join()
