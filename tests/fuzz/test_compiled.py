@@ -61,7 +61,9 @@ def test_short_sanitized_run(build: Path, tmp_path: Path, target: str) -> None:
         (work / f"in{i}").write_bytes(data)
     r = session.fuzz(target, 1500, [work], tmp_path / "run", env=sanitized.environment(build))
     assert r.ok, f"{r.crashes} {r.sanitizer_reports[:3]} {r.second_client.mismatches[:3]}\n{r.tail}"
-    assert r.inputs == 1500 and r.second_client.ops > 0 and "cov:" in r.coverage
+    # "Done N runs" counts executions, and libFuzzer may execute an input again (a CI run
+    # under load printed 1501 for -runs=1500): at least the runs asked for
+    assert r.inputs >= 1500 and r.second_client.ops > 0 and "cov:" in r.coverage
     assert Path(r.extension) == sanitized.extension(build)  # the instrumented one ran
 
 
