@@ -73,7 +73,8 @@ def test_short_fuzz_run(tmp_path: Path, target: str) -> None:
         (work / f"in{i}").write_bytes(data)
     r = session.fuzz(target, 1500, [work], tmp_path / "run")
     assert r.ok, f"{r.crashes} {r.second_client.mismatches[:3]} {r.final_check}\n{r.tail}"
-    assert r.inputs == 1500 and r.second_client.ops > 0 and "cov:" in r.coverage
+    # at least the runs asked for: libFuzzer may execute an input again (test_compiled.py)
+    assert r.inputs >= 1500 and r.second_client.ops > 0 and "cov:" in r.coverage
 
 
 class _Corrupting:
