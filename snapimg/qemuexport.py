@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from snapimg import interrupts
 from snapimg.errors import QemuError
 
 QSD_BINARY = "qemu-storage-daemon"
@@ -117,16 +118,18 @@ class QemuExport:
             str(pidfile),
         ]
         self._log = (self._dir / "stderr.log").open("w+b")
-        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+        self._proc: subprocess.Popen[bytes] | None = None
         self.uri = f"nbd+unix:///{EXPORT_NAME}?socket={sock}"
         try:
+            with interrupts.deferred():  # a signal now is raised once the daemon is ours
+                self._proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=self._log,
+                    stderr=self._log,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
             self._wait_ready(pidfile)
         except BaseException:
             self.close(kill=True)

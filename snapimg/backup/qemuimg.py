@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snapimg import interrupts
 from snapimg.errors import QemuError
 
 QEMU_IMG = "qemu-img"
@@ -23,18 +24,21 @@ QEMU_IMG = "qemu-img"
 def run(*args: str, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
     if shutil.which(QEMU_IMG) is None:
         raise QemuError(f"{QEMU_IMG} not found (install the qemu-utils package)")
-    proc = subprocess.Popen(
-        [QEMU_IMG, *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc: subprocess.Popen[str] | None = None
     try:
+        with interrupts.deferred():  # a signal now is raised once proc is ours to kill
+            proc = subprocess.Popen(
+                [QEMU_IMG, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         out, err = proc.communicate()
     except BaseException:
-        proc.kill()
-        proc.wait()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         raise
     if proc.returncode not in ok:
         raise QemuError(f"qemu-img {args[0]}: {_error_text(err, proc.returncode)}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from snapimg import interrupts
 from snapimg.cli import quiesce
 from snapimg.cli.attach import default_store_dir
 from snapimg.errors import SnapimgError, UsageError
@@ -122,7 +123,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _Stop.signum:
         return  # already stopping: let the clean-up finish
     _Stop.signum = signum
-    raise KeyboardInterrupt
+    interrupts.deliver()  # (held back while a QEMU tool is being started)
 
 
 def _interruptible(

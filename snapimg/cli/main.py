@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
-from snapimg import __version__
+from snapimg import __version__, interrupts
 from snapimg.cli.common import add_verbosity
 from snapimg.errors import SnapimgError
 from snapimg.units import SIZE_SYNTAX
@@ -112,7 +112,7 @@ class _Signalled:
     def handler(cls, signum: int, frame: FrameType | None) -> None:
         cls.number = signal.Signals(signum)
         cls.received = True
-        raise KeyboardInterrupt
+        interrupts.deliver()  # (held back while a QEMU tool is being started)
 
     @classmethod
     def install(cls) -> None:

@@ -3,6 +3,8 @@ to real processes at moments chosen by what the process has done, not by timers.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -213,3 +215,49 @@ def test_signal_stops_restore_verify_and_prune(
     snapimg("prune", bk, "--keep-last", "1")
     assert [r["id"] for r in manifest(bk)["backups"]] == ["b0002"]
     assert snapimg("verify", bk).returncode == 0
+
+
+@pytest.mark.parametrize("tool", ["qemu-img", "qemu-storage-daemon"])
+def test_a_signal_while_a_qemu_tool_starts_leaves_no_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str
+) -> None:
+    """SIGTERM arriving inside subprocess.Popen, after the fork and before Popen returns (the
+    moment verify's wait_for above can hit): the command still ends with its line and 143,
+    and the QEMU tool it was starting does not outlive it."""
+    from snapimg.backup import qemuimg
+    from snapimg.cli import backup as cli_backup
+    from snapimg.qemuexport import QemuExport
+
+    image = tmp_path / "x.img"
+    image.write_bytes(bytes(MiB))
+    started: list[int] = []
+    real = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+    def execute_then_signal(self: subprocess.Popen[str], *args: object) -> None:
+        real(self, *args)
+        started.append(self.pid)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before Popen returns
+
+    def start(args: argparse.Namespace) -> int:
+        if tool == "qemu-img":
+            return qemuimg.run("check", str(image)).returncode
+        with QemuExport(image, "raw"):
+            return 0
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", execute_then_signal)
+    monkeypatch.setattr(cli_backup._Stop, "signum", 0)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = cli_backup._interruptible(start)(argparse.Namespace(command="verify"))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    try:
+        assert status == 143 and len(started) == 1
+        with pytest.raises(ChildProcessError):  # killed and reaped, not left running
+            os.waitpid(started[0], os.WNOHANG)
+    finally:
+        for pid in started:  # (a child left running: this test's failure)
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
