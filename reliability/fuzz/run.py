@@ -60,7 +60,9 @@ def main() -> None:
         if not made:
             host = Host(workdir / f"host-{os.getpid()}", DATAPATHS.get(name))
             made.append(make_target(name, host))
-            (workdir / "ready").write_text(str(host.workdir))
+            ready = workdir / "ready.tmp"  # whole or absent: the parent reads it at once
+            ready.write_text(str(host.workdir))
+            os.replace(ready, workdir / "ready")
         return made[0]
 
     def one_input(data: bytes) -> None:
