@@ -18,6 +18,8 @@ APT_PACKAGES=(
   # loop-mounted XFS with reflink: the reflink tests (mkfs.xfs, xfs_fsr) and the crash
   # recorder's clone tests (tests/crash)
   xfsprogs
+  # the order of a server's last steps, with its unlink(2)s held up (tests/interop)
+  strace
   # C code under the fuzz harness with ASan/UBSan and libFuzzer coverage (tests/fuzz)
   clang-14 libclang-rt-14-dev
   # Python venv and building libvirt-python from source

@@ -323,36 +323,40 @@ async def _run(args: argparse.Namespace, config: ServeConfig, ready_pipe: IO[str
     # Refusals come before anything is opened or created.
     prepare_unix_socket_path(config.socket)
     prepare_unix_socket_path(control_path)
-    with _image_locks(config):
-        with _store_dir(config.store_dir):
-            backend = await start_backend(args.backend, config)
-            control = ControlServer(backend, QuiesceNotes(config.store_dir))
+    wrote_pid = False
+    try:
+        with _image_locks(config):
+            with _store_dir(config.store_dir):
+                backend = await start_backend(args.backend, config)
+                control = ControlServer(backend, QuiesceNotes(config.store_dir))
+                try:
+                    await control.listen(control_path)
+                    if pid_file is not None:
+                        pid_file.write_text(f"{os.getpid()}\n")
+                        wrote_pid = True
+                except BaseException:
+                    await control.close()
+                    await backend.close()
+                    raise
             try:
-                await control.listen(control_path)
-                if pid_file is not None:
-                    pid_file.write_text(f"{os.getpid()}\n")
-            except BaseException:
+                exports = await backend.exports()
+                for warning in odd_size_warnings(config, {e.name: e.size for e in exports}):
+                    notice(args, f"warning: {warning}")
+                tcp = f" tcp={config.tcp[0]}:{config.tcp[1]}" if config.tcp else ""
+                ready = (
+                    f"snapimg serve: ready socket={config.socket}{tcp} control={control_path} "
+                    f"exports={','.join(e.name for e in exports)} pid={os.getpid()} "
+                    f"datapath={backend.datapath}\n"
+                )
+                _announce(args, ready, ready_pipe)
+                death = await _until_stopped_or_dead(stop, backend)
+            finally:
                 await control.close()
                 await backend.close()
-                raise
-        try:
-            exports = await backend.exports()
-            for warning in odd_size_warnings(config, {e.name: e.size for e in exports}):
-                notice(args, f"warning: {warning}")
-            tcp = f" tcp={config.tcp[0]}:{config.tcp[1]}" if config.tcp else ""
-            ready = (
-                f"snapimg serve: ready socket={config.socket}{tcp} control={control_path} "
-                f"exports={','.join(e.name for e in exports)} pid={os.getpid()} "
-                f"datapath={backend.datapath}\n"
-            )
-            _announce(args, ready, ready_pipe)
-            death = await _until_stopped_or_dead(stop, backend)
-        finally:
-            await control.close()
-            await backend.close()
-            if pid_file is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    pid_file.unlink()
+    finally:  # last: a gone pid file means the images are unlocked and the sockets gone
+        if wrote_pid and pid_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                pid_file.unlink()
     sys.stdout.flush()
     if death is not None:
         print(f"snapimg serve: {death}", file=sys.stderr)

@@ -283,6 +283,37 @@ def test_odd_sized_image_warning(tmp_path: Path, serve: Callable[..., Serve]) ->
         stop_daemon(s.pid_file)
 
 
+def test_the_pid_file_goes_last(tmp_path: Path) -> None:
+    """A script that stops the server and waits for its pid file to go may then open the
+    image with QEMU: the image locks are released and the sockets gone by then.  strace
+    holds each unlink(2) for 1 s after it happened, so a pid file removed before the
+    locks were released would leave them held through that second."""
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\x77" * MiB)
+    pid_file, sock, control = tmp_path / "pid", tmp_path / "n.sock", tmp_path / "c.sock"
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=unlink,unlinkat",
+         "-e", "inject=unlink,unlinkat:delay_exit=1000000",
+         *SNAPIMG, "serve", f"d={img}", "--socket", str(sock), "--control", str(control),
+         "--store-dir", str(tmp_path / "store"), "--pid-file", str(pid_file), "-q"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text().endswith("\n")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.02)
+        assert probe(img).in_use
+        stop_daemon(pid_file)
+        assert not probe(img).in_use
+        assert not sock.exists() and not control.exists()
+        assert proc.wait(60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def stop_daemon(pid_file: Path) -> None:
     os.kill(int(pid_file.read_text()), signal.SIGTERM)
     deadline = time.monotonic() + 60
