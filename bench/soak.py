@@ -25,7 +25,7 @@ threads, before any NBD connection).  No traceback in the server's log; any requ
 without an answer for --hang-timeout seconds is a hang (threads dumped with gdb).
 
 Usage: bench/soak.py [--minutes 30] [--size 128] [--clients 8] [--datapath compiled|python]
-                     [--seed 1] [--dir DIR] [--keep-dir] [--json]
+                     [--seed 1] [--until EVENT=N ...] [--dir DIR] [--keep-dir] [--json]
 Exit status 0 when no violation was found, 1 otherwise (the work directory is then kept).
 """
 
@@ -54,6 +54,10 @@ from tests.soak.lifecycle import Lifecycle  # noqa: E402
 from tests.soak.model import ORIGIN, Actor, World, connect, disconnect  # noqa: E402
 from tests.soak.procstat import Sampler, Usage, settle, usage  # noqa: E402
 from tests.soak.verify import check_origin, check_snapshot  # noqa: E402
+
+# events --until may wait for (counted by tests/soak/lifecycle.py and backups.py)
+EVENTS = ("snapshots_created", "snapshots_dropped", "releases", "backups_made",
+          "backups_incremental", "prunes")  # fmt: skip
 
 MiB = 1 << 20
 
@@ -164,6 +168,7 @@ def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for t in [*clients, lifecycle, backups, sampler]:
             t.start()
         progress(world, sampler, t0, t0 + duration)
+        out["extended_s"] = until_counts(world, dict(args.until), args.until_limit)
         world.stop.set()
         for t in [*clients, lifecycle]:
             t.join(args.hang_timeout + 60)
@@ -257,6 +262,27 @@ def progress(world: World, sampler: Sampler, t0: float, deadline: float) -> None
                   f"RSS {rss} KiB", file=sys.stderr, flush=True)  # fmt: skip
 
 
+def until_counts(world: World, want: dict[str, int], limit: float) -> float:
+    """Keep the load going past --minutes until each event count of ``want`` (--until) is
+    reached, for at most ``limit`` seconds; the seconds added (a loaded machine gets
+    through fewer backups and lifecycle commands in the same time)."""
+    start = time.monotonic()
+
+    def short() -> bool:
+        return any(world.stats.events[name] < n for name, n in want.items())
+
+    while short() and not world.abort.is_set() and time.monotonic() - start < limit:
+        world.abort.wait(0.2)
+    return round(time.monotonic() - start, 1)
+
+
+def count_spec(text: str) -> tuple[str, int]:
+    name, sep, n = text.partition("=")
+    if not sep or not n.isdigit() or name not in EVENTS:
+        raise argparse.ArgumentTypeError(f"expected EVENT=N, EVENT one of {', '.join(EVENTS)}")
+    return name, int(n)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=30.0, help="load duration (30)")
@@ -299,6 +325,20 @@ def main() -> int:
         "--trace",
         action="store_true",
         help="log every origin write and snapshot creation to WORK/trace.log",
+    )
+    ap.add_argument(
+        "--until",
+        type=count_spec,
+        action="append",
+        default=[],
+        metavar="EVENT=N",
+        help="go on past --minutes until EVENT happened N times (repeatable)",
+    )
+    ap.add_argument(
+        "--until-limit",
+        type=float,
+        default=300.0,
+        help="seconds --until may add at most (300)",
     )
     ap.add_argument("--dir", type=Path, help="parent of the work directory (default: TMPDIR)")
     ap.add_argument("--keep-dir", action="store_true", help="keep the work directory")

@@ -26,7 +26,10 @@ def test_short_soak(tmp_path: Path, datapath: str) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "soak.py"), "--minutes", "0.3", "--size", "32",
          "--datapath", datapath, "--backup-interval", "5", "--event-interval", "0.5",
-         "--rss-limit", "2", "--dir", str(tmp_path), "--json"],
+         "--rss-limit", "2", "--dir", str(tmp_path), "--json",
+         # a loaded machine gets through fewer commands in 18 s: go on until these happened
+         "--until", "backups_made=2", "--until", "snapshots_created=2",
+         "--until", "snapshots_dropped=1"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.stdout, proc.stderr
