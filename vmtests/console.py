@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import re
+import socket
+import struct
+import termios
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +37,8 @@ class _Port:
     partial: str = ""
     closed: bool = False
     cursor: int = 0  # first line not consumed by expect()
+    received: int = 0  # bytes read from the socket so far
+    sock: socket.socket | None = None
     task: asyncio.Task[None] | None = None
 
 
@@ -49,29 +55,35 @@ class Console:
 
     async def attach(self, port: str, socket_path: Path, timeout: float) -> None:
         """Connect to QEMU's chardev server socket and start reading ``port``."""
+        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
         while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
             try:
-                reader, writer = await asyncio.open_unix_connection(str(socket_path))
+                await loop.sock_connect(sock, str(socket_path))
                 break
             except (FileNotFoundError, ConnectionRefusedError) as err:
+                sock.close()
                 if time.monotonic() > deadline:
                     raise VmError(f"serial port {port}: cannot connect to {socket_path}") from err
                 await asyncio.sleep(0.02)
-        state = _Port(self.log_path(port))
+        state = _Port(self.log_path(port), sock=sock)
         state.log_path.write_text("")
         self._ports[port] = state
-        state.task = asyncio.create_task(self._pump(state, reader, writer))
+        state.task = asyncio.create_task(self._pump(state, sock))
 
-    async def _pump(
-        self, state: _Port, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _pump(self, state: _Port, sock: socket.socket) -> None:
+        # straight from the socket (no stream buffer between): a byte is either still in
+        # the kernel's queue or in lines/partial, which catch_up() relies on
+        loop = asyncio.get_running_loop()
         try:
             with state.log_path.open("a", encoding="utf-8") as log:
                 while True:
-                    chunk = await reader.read(4096)
+                    chunk = await loop.sock_recv(sock, 4096)
                     if not chunk:
                         break
+                    state.received += len(chunk)
                     text = chunk.decode("latin-1").replace("\r", "")
                     log.write(text)
                     log.flush()
@@ -90,7 +102,7 @@ class Console:
                 state.partial = ""
             state.closed = True
             self._changed.set()
-            writer.close()
+            sock.close()
 
     def lines(self, port: str = "com1") -> list[str]:
         return list(self._ports[port].lines)
@@ -99,6 +111,25 @@ class Console:
         """(arrival time, line) pairs; time.monotonic() clock."""
         state = self._ports[port]
         return list(zip(state.times, state.lines, strict=True))
+
+    async def catch_up(self, port: str = "com1", timeout: float = 30) -> None:
+        """Wait until every byte QEMU had written to ``port`` by now is in :meth:`lines`.
+
+        QEMU's serial devices write what the guest sends to the chardev socket at once, so
+        a line the guest printed before some event (a snapshot) is in the lines after this.
+        """
+        state = self._ports[port]
+        if state.sock is None or state.closed:
+            return
+        queued = struct.unpack("i", fcntl.ioctl(state.sock.fileno(), termios.FIONREAD, b"\0" * 4))
+        target = state.received + queued[0]
+        deadline = time.monotonic() + timeout * self._timeout_scale
+        while state.received < target and not state.closed:
+            if time.monotonic() > deadline:
+                raise VmError(f"serial port {port}: {target - state.received} bytes not read")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.05)
 
     def mark(self, port: str = "com1") -> int:
         """How many complete lines ``port`` has received so far."""

@@ -13,7 +13,6 @@ checks.snapshot_files).
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 from vmtests.guests import freedos
@@ -27,7 +26,6 @@ RAW_SECTORS = 1024
 FILE_KIB = 128
 # Take a snapshot as soon as each of these lines appears.
 TRIGGERS = (r"^GEN 5 RAW", r"^GEN 30 FILE", r"^GEN 60 RAW")
-SETTLE_SECONDS = 0.5  # lets lines the guest sent before the snapshot reach the console
 _GEN_LINE = re.compile(r"^GEN (\d+) ")
 
 
@@ -48,7 +46,9 @@ async def run(rig: Rig) -> Result:
             gen_lo = _newest_gen(machine.console.lines())
             snap = f"live{index}"
             uri = await rig.server.snapshot_create(EXPORT, snap)
-            await asyncio.sleep(SETTLE_SECONDS)
+            # every line the guest printed before the snapshot (WRITER prints "GEN g RAW"
+            # before it writes generation g), however far behind the console reader is
+            await machine.console.catch_up()
             gen_hi = _newest_gen(machine.console.lines())
             taken.append((snap, uri, gen_lo, gen_hi))
         await finish(machine, freedos.WRITER_DONE, freedos.WRITER_FAILED, 300)
