@@ -10,6 +10,7 @@ origin's content at its creation; on the compiled path the copy counters and FIE
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import random
 import shutil
@@ -334,7 +335,10 @@ def test_clones_survive_sigkill(xfs: Path, datapath: str) -> None:
     snaps: dict[str, bytes] = {}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), SNAPIMG_REFLINK="always")
     mid_op, shared = 0, []
-    for rnd_no in range(8):
+    for rnd_no in itertools.count():
+        # 8 rounds, and more (up to 24) while fewer than 4 kills hit an operation
+        if rnd_no >= 8 and (mid_op >= 4 or rnd_no >= 24):
+            break
         durability = "strict" if rnd_no % 2 else "default"
         args = [str(store), str(path), str(BS), durability, str(rnd.randrange(1 << 30))]
         proc = subprocess.Popen(

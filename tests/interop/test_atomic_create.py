@@ -25,6 +25,7 @@ def test_create_during_writes(tmp_path: Path, serve: Callable[..., Serve]) -> No
     acked = [-1, -1]  # per writer: highest slot acknowledged
     started = [-1, -1]  # per writer: highest slot whose write was issued
     stop = threading.Event()
+    created = threading.Event()  # (writers keep slots for writes after the create)
 
     def writer(w: int) -> None:
         h = nbd.NBD()
@@ -32,6 +33,8 @@ def test_create_during_writes(tmp_path: Path, serve: Callable[..., Serve]) -> No
         for i in range(SLOTS):
             if stop.is_set():
                 break
+            if i == SLOTS - 16:  # a slow create must still see writes after it
+                created.wait(120)
             with lock:
                 started[w] = i
             h.pwrite(bytes([w * 100 + i % 97 + 1]) * BLOCK, (w * SLOTS + i) * BLOCK)
@@ -50,6 +53,7 @@ def test_create_during_writes(tmp_path: Path, serve: Callable[..., Serve]) -> No
     snapimg("snapshot", "create", "--control", s.control, "busy@t")
     with lock:
         started_after = [n + 1 for n in started]
+    created.set()
     deadline = time.monotonic() + 30  # until each writer had a write acked after create
     while any(a <= b for a, b in zip(acked, started_after, strict=True)):
         if time.monotonic() > deadline or not any(t.is_alive() for t in threads):

@@ -24,7 +24,7 @@ from qsd_clients import (
 )
 
 from snapimg.backends.config import ServeConfig
-from snapimg.backends.qsd import QsdBackend, start
+from snapimg.backends.qsd import QsdBackend, graph, start
 from snapimg.errors import QemuError, SnapshotError, UsageError
 
 SIZE = 64 * MiB
@@ -371,6 +371,10 @@ def test_a_fleecing_job_that_ends_behind_snapimgs_back_is_reported_invalid(short
             )
             [job] = await b.qmp.execute("query-block-jobs")
             await b.qmp.execute("block-job-cancel", {"device": job["device"], "force": True})
+            deadline = time.monotonic() + 30  # the cancel returns before the job is gone
+            while job["device"] in await graph.job_ids(b.qmp):
+                assert time.monotonic() < deadline, "the cancelled job stayed"
+                await asyncio.sleep(0.01)
             [info] = await b.list_snapshots()
             assert not info.valid and info.reason == "the QEMU fleecing job ended on its own"
             qemu_io(b.uri("disk@s"), "read 0 64k", expect_fail=True)
