@@ -36,7 +36,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,10 @@ from pathlib import Path
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/listening.py: waiting for a server to listen
+
+from tests.listening import wait_listening  # noqa: E402
+
 Uris = tuple[str, str]  # origin URI (or file path for "file"), snapshot URI ("" if none)
 
 
@@ -73,18 +76,10 @@ def wait_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 def wait_socket(proc: subprocess.Popen[str], sock: Path, what: str) -> None:
     """Wait until ``sock`` accepts a connection (the file appears at bind, before listen)."""
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"{what} did not start")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(sock))
-            return
-        except (FileNotFoundError, ConnectionRefusedError):
-            time.sleep(0.05)
-        finally:
-            probe.close()
+    try:
+        wait_listening(sock, proc, what)
+    except AssertionError as err:
+        raise SystemExit(f"bench: {err}") from None
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
@@ -301,6 +296,10 @@ def main() -> int:
             "python_snap": lambda img: snapimg_serve(work, img, True, "python"),
         }
         if args.only:
+            unknown = sorted(set(args.only.split(",")) - set(servers))
+            if unknown:
+                raise SystemExit(f"bench: unknown --only {','.join(unknown)}: "
+                                 f"expected some of {','.join(servers)}")  # fmt: skip
             servers = {k: v for k, v in servers.items() if k in args.only.split(",")}
         samples: dict[str, dict[str, list[float]]] = {k: {} for k in servers}
         for _ in range(args.reps):
