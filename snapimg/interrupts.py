@@ -9,6 +9,7 @@ signal; leaving the section raises then, where the caller holds the process and 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,7 +21,11 @@ class _Section:
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Hold back :func:`deliver`'s KeyboardInterrupt until the block has ended."""
+    """Hold back :func:`deliver`'s KeyboardInterrupt until the block has ended (in the main
+    thread, where handlers run; elsewhere a no-op: the main thread gets the signal)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _Section.depth += 1
     try:
         yield
